@@ -1,0 +1,220 @@
+"""Command line: arguments -> a sweep -> records -> tables.
+
+    python run.py --methods mma,zsclip --protocol base2novel --root DATA --clip ViT-B-16.pt
+    python run.py table --output results/runs
+    python run.py list
+
+Without ``--root`` and ``--clip`` the harness runs on the built-in default: synthetic
+datasets written in the real folder layout and a tiny randomly initialised CLIP.  Those
+numbers only prove that the pipeline runs; they mean nothing about any method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+DEFAULT_OUTPUT = "results/runs"
+TINY_BACKBONE = "tiny-clip-12"
+SYNTHETIC_NOTE = ("[bold yellow]Built-in default: synthetic datasets and a tiny CLIP with random "
+                  "weights. These numbers only show that the pipeline runs; they mean nothing "
+                  "about any method.[/] Pass --root DATA and --clip WEIGHTS for real results.")
+
+console = Console(stderr=False)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3; got '{text}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Few-shot CLIP adaptation benchmark: run sweeps, build tables.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  python run.py                       # built-in default (synthetic, tiny CLIP)\n"
+               "  python run.py --methods mma,zsclip --protocol base2novel --root DATA --clip ViT-B-16.pt\n"
+               "  python run.py table --output results/runs\n  python run.py list")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run a sweep and print its tables (the default command)")
+    run.add_argument("--methods", type=_csv, default=["mma", "zsclip"],
+                     help="comma-separated registry names (default: mma,zsclip); see `run.py list`")
+    run.add_argument("--protocol", default="base2novel",
+                     help="base2novel (default) or all (every protocol implemented so far)")
+    run.add_argument("--datasets", type=_csv, default=None,
+                     help="comma-separated dataset names (default: the 11 of the protocol)")
+    run.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
+    run.add_argument("--shots", type=int, default=16, help="shots per class (default: 16)")
+    run.add_argument("--root", default=None,
+                     help="folder holding the datasets in the CoOp layout (default: synthetic data)")
+    run.add_argument("--clip", default=None,
+                     help="CLIP weights: an OpenAI-format file, an OpenAI name (ViT-B/16) found in "
+                          "the local cache, or an open_clip name:tag (default: ViT-B/16 with --root, "
+                          "else a tiny random CLIP)")
+    run.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--config-file", default=None, help="a YAML of Dassl-style keys merged after the method's")
+    run.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                     help="config overrides, e.g. --opts OPTIM.MAX_EPOCH 2 DATALOADER.NUM_WORKERS 0")
+    run.add_argument("--plugin", action="append", default=[],
+                     help="import this module first (registers methods from outside the repository)")
+    run.add_argument("--force", action="store_true", help="re-run runs whose record already exists")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+
+    table = sub.add_parser("table", help="rebuild the tables from the records, running nothing")
+    table.add_argument("--output", default=DEFAULT_OUTPUT, help="results folder holding records/")
+    table.add_argument("--protocol", default="base2novel")
+    table.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+
+    sub.add_parser("list", help="list methods, datasets and protocols")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def print_table(table, title: str) -> None:
+    from benchmark.tables import NOTE, display_frame
+
+    shown = display_frame(table)
+    rich_table = Table(title=title)
+    for column in shown.columns:
+        rich_table.add_column(column, justify="left" if column in ("Method", "Dataset") else "right")
+    for row in shown.itertuples(index=False):
+        rich_table.add_row(*[str(v) for v in row])
+    console.print(rich_table)
+    console.print(NOTE, style="dim")
+
+
+def build_tables(output: str | Path, protocol: str = "base2novel"):
+    from benchmark import store, tables
+
+    frame = tables.records_frame(store.iter_records(output))
+    table = tables.base2novel_table(frame, paper=tables.load_paper("base2novel"))
+    paths = tables.write_tables(table, Path(output) / "tables", "base2novel")
+    return table, paths
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark import backbone as B
+    from benchmark import protocols
+    from benchmark.sweep import run_sweep
+    from datasets.catalog import BASE2NOVEL_DATASETS, check_dataset, get_spec
+    from methods.registry import get_method, load_plugins
+
+    _setup_logging(args.verbose)
+    load_plugins(args.plugin)
+    for method in args.methods:
+        get_method(method)
+    datasets = args.datasets or list(BASE2NOVEL_DATASETS)
+    for name in datasets:
+        get_spec(name)
+    if args.protocol not in protocols.PROTOCOLS + ("all",):
+        raise protocols.ProtocolError(f"Unknown protocol '{args.protocol}'. "
+                                      f"Available: {', '.join(protocols.PROTOCOLS)}, all.")
+    if args.shots < 1:
+        raise ValueError(f"--shots must be at least 1, got {args.shots}.")
+    opts = list(args.opts)
+    synthetic = args.root is None
+    if synthetic:
+        from datasets.synthetic import write_synthetic_root
+
+        root = Path(args.output) / "synthetic_data"
+        if not root.is_dir():
+            console.print(f"Writing synthetic datasets to {root} ...")
+            write_synthetic_root(root, datasets)
+        if "DATALOADER.NUM_WORKERS" not in opts[::2]:
+            opts = ["DATALOADER.NUM_WORKERS", "0"] + opts  # tiny images: workers cost more than they save
+        console.print(SYNTHETIC_NOTE)
+    else:
+        root = Path(args.root)
+        problems = {name: check_dataset(name, root) for name in datasets}
+        problems = {k: v for k, v in problems.items() if v}
+        if problems:
+            lines = [f"  {name}: " + "; ".join(p) for name, p in problems.items()]
+            raise FileNotFoundError("Some datasets are missing or incomplete under "
+                                    f"{root}:\n" + "\n".join(lines) +
+                                    "\nFix the folders (see the README's data section) or leave those "
+                                    "datasets out with --datasets.")
+    backbone = args.clip or (TINY_BACKBONE if synthetic else B.DEFAULT_BACKBONE)
+    backbone_id = B.backbone_fingerprint(backbone)
+    specs = protocols.expand(args.protocol, methods=args.methods, datasets=datasets, seeds=args.seeds,
+                             shots=args.shots, root=str(root), backbone=backbone,
+                             backbone_id=backbone_id, user_yaml=args.config_file, opts=opts)
+
+    def progress(event: str, spec, index: int, total: int) -> None:
+        if event == "start":
+            console.print(f"[{index}/{total}] {spec.label}")
+        elif event == "failed":
+            console.print(f"  [red]failed[/]: {spec.label}")
+
+    summary = run_sweep(specs, args.output, device=args.device, force=args.force, progress=progress)
+    console.print(f"Runs: {len(summary.done)} done, {len(summary.skipped)} already finished, "
+                  f"{len(summary.failed)} failed, in {summary.seconds:.1f} s")
+    for label, error in summary.failed:
+        console.print(f"  [red]{label}[/]: {error}")
+    table, paths = build_tables(args.output)
+    title = "Base-to-novel" + (" (synthetic data, tiny random CLIP: meaningless)" if synthetic else "")
+    print_table(table, title)
+    console.print(f"Tables: {paths['markdown']}, {paths['csv']}")
+    return 1 if summary.failed else 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    table, paths = build_tables(args.output, args.protocol)
+    if table.empty:
+        console.print(f"No finished {args.protocol} runs under {args.output}/records.")
+        return 1
+    if args.format == "csv":
+        print(paths["csv"].read_text(), end="")
+    else:
+        print_table(table, args.protocol)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from datasets.catalog import list_datasets
+    from methods.registry import get_method, list_methods
+
+    table = Table(title="Methods")
+    for column in ("name", "paper", "config"):
+        table.add_column(column)
+    for name in list_methods():
+        info = get_method(name)
+        table.add_row(name, info.paper, str(info.config_file.name) if info.config_file else "-")
+    console.print(table)
+    console.print("Datasets: " + ", ".join(list_datasets()))
+    console.print("Protocols: base2novel, all")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run"] + argv
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        console.print("Interrupted: finished runs are saved; run the same command again to resume.")
+        return 130
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+        return 2

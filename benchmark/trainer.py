@@ -1,0 +1,420 @@
+"""One run: data, model, optimiser, epochs, evaluation -> a record.
+
+Reproduces the reference toolbox's training semantics (see DATA_LAYOUT in the project
+docs): seeding of ``random``, numpy and torch in that order before the data is built;
+few-shot sampling from the dataset code; a RandomSampler loader that drops the last
+incomplete batch when there is at least one full batch; SGD (or Adam) over the method's
+trainable parameters; a learning rate that changes once per epoch, after the epoch's
+last step (cosine with the constant/linear warm-up wrappers); the last-epoch model is
+evaluated (``TEST.FINAL_MODEL = last_step``).  Precision follows the method's ``PREC``:
+fp32, fp16 (CLIP and the learned weights in half precision), amp (fp32 weights,
+autocast + GradScaler for training, evaluation in fp32) or bf16 (autocast); on a CPU
+every mode falls back to fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from benchmark.backbone import clip_info, load_clip, resolve_device
+from benchmark.protocols import RunSpec, config_node
+from benchmark.transforms import build_test_transform, build_train_transform
+from datasets.base import Datum, build_dataset
+from methods.registry import Method, build_method, get_method
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, ...); its message is stored in the record."""
+
+
+# -- seeding -----------------------------------------------------------------------------
+def set_random_seed(seed: int) -> None:
+    """As the reference toolbox: random, numpy, torch (and every CUDA device), in order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+# -- data ----------------------------------------------------------------------------------
+class ImageList(Dataset):
+    """Images of a list of Datum through a transform -> (image tensor, label)."""
+
+    def __init__(self, data: Sequence[Datum], transform: Callable):
+        self.data = list(data)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        item = self.data[index]
+        try:
+            with Image.open(item.impath) as img:
+                image = img.convert("RGB")
+        except (OSError, SyntaxError) as exc:
+            raise OSError(f"Cannot read image {item.impath} (class '{item.classname}'): {exc}. "
+                          f"Check the file or re-extract the dataset.") from exc
+        return self.transform(image), item.label
+
+
+def _workers(cfg, device: torch.device) -> int:
+    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
+
+
+def train_loader(data: Sequence[Datum], cfg, device: torch.device) -> DataLoader:
+    batch = int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+    dataset = ImageList(data, build_train_transform(cfg))
+    return DataLoader(dataset, batch_size=batch, sampler=RandomSampler(dataset),
+                      num_workers=_workers(cfg, device), drop_last=len(dataset) >= batch,
+                      pin_memory=device.type == "cuda")
+
+
+def test_loader(data: Sequence[Datum], cfg, device: torch.device) -> DataLoader:
+    dataset = ImageList(data, build_test_transform(cfg))
+    return DataLoader(dataset, batch_size=int(cfg.DATALOADER.TEST.BATCH_SIZE),
+                      sampler=SequentialSampler(dataset), num_workers=_workers(cfg, device),
+                      drop_last=False, pin_memory=device.type == "cuda")
+
+
+# -- optimiser and schedule ------------------------------------------------------------------
+def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    o = cfg.OPTIM
+    name = str(o.NAME).lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=o.LR, momentum=o.MOMENTUM, weight_decay=o.WEIGHT_DECAY,
+                               dampening=o.SGD_DAMPNING, nesterov=o.SGD_NESTEROV)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY,
+                                betas=(o.ADAM_BETA1, o.ADAM_BETA2))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY,
+                                 betas=(o.ADAM_BETA1, o.ADAM_BETA2))
+    raise ValueError(f"OPTIM.NAME '{o.NAME}' is not supported; use sgd, adam or adamw.")
+
+
+def epoch_learning_rates(cfg) -> list[float]:
+    """The learning rate of each epoch, as the reference schedulers produce it.
+
+    The schedule steps once per epoch, after the epoch's last batch.  With a warm-up of W
+    epochs the wrapper returns its own rate while its epoch counter is below W; from then
+    on it hands back the successor's rate and advances only the successor (so the cosine
+    starts at its t = 0 on epoch W).  torch's recursive cosine is used for the successor
+    so that the values are bit-identical to the reference.
+    """
+    o = cfg.OPTIM
+    epochs = int(o.MAX_EPOCH)
+    if epochs <= 0:
+        return []
+    name = str(o.LR_SCHEDULER).lower()
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.LR)
+    if name == "cosine":
+        successor = torch.optim.lr_scheduler.CosineAnnealingLR(dummy, T_max=float(epochs))
+    elif name == "single_step":
+        step = o.STEPSIZE[0] if isinstance(o.STEPSIZE, (list, tuple)) else o.STEPSIZE
+        successor = torch.optim.lr_scheduler.StepLR(dummy, step_size=max(int(step), 1) if int(step) > 0 else epochs,
+                                                    gamma=o.GAMMA)
+    elif name == "multi_step":
+        successor = torch.optim.lr_scheduler.MultiStepLR(dummy, milestones=list(o.STEPSIZE), gamma=o.GAMMA)
+    else:
+        raise ValueError(f"OPTIM.LR_SCHEDULER '{o.LR_SCHEDULER}' is not supported; use cosine, "
+                         f"single_step or multi_step.")
+    warmup = int(o.WARMUP_EPOCH)
+    if warmup <= 0:
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(dummy.param_groups[0]["lr"])
+            dummy.step()  # a no-op (no gradients); keeps torch's step-order check quiet
+            successor.step()
+        return lrs
+    kind = str(o.WARMUP_TYPE).lower()
+    if kind not in ("constant", "linear"):
+        raise ValueError(f"OPTIM.WARMUP_TYPE '{o.WARMUP_TYPE}' must be constant or linear.")
+    if not o.WARMUP_RECOUNT:
+        successor.last_epoch = warmup
+
+    def warm_lr(epoch: int) -> float:
+        if epoch >= warmup:
+            return successor.get_last_lr()[0]
+        if kind == "constant":
+            return float(o.WARMUP_CONS_LR)
+        return float(o.WARMUP_MIN_LR) if epoch == 0 else float(o.LR) * epoch / warmup
+
+    lrs, counter, current = [], 0, warm_lr(0)
+    for _ in range(epochs):
+        lrs.append(current)
+        if counter >= warmup:
+            dummy.step()
+            successor.step()
+            current = successor.get_last_lr()[0]
+        else:
+            counter += 1
+            current = warm_lr(counter)
+    return lrs
+
+
+# -- precision --------------------------------------------------------------------------------
+def effective_precision(requested: str, device: torch.device) -> str:
+    if requested not in ("fp32", "fp16", "amp", "bf16"):
+        raise ValueError(f"PREC '{requested}' is not one of fp32, fp16, amp, bf16.")
+    if device.type != "cuda":
+        return "fp32"  # CPU fallback, as the issue asks; the record stores both
+    return requested
+
+
+def cast_clip(clip: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """fp16: the released CLIP's half-precision layout (linear/conv/attention weights and
+    the projections in fp16, layer norms and embeddings in fp32)."""
+    if precision == "fp16":
+        from open_clip.model import convert_weights_to_lp
+
+        convert_weights_to_lp(clip, dtype=torch.float16)
+    return clip
+
+
+def _autocast(device: torch.device, precision: str, training: bool):
+    if device.type == "cuda" and precision == "amp" and training:
+        return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+# -- training and evaluation -----------------------------------------------------------------
+@dataclass
+class TrainResult:
+    epoch_losses: list[float]
+    learning_rates: list[float]
+    steps: int
+    seconds: float
+
+
+def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
+          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    params = model.trainable_parameters()
+    lrs = epoch_learning_rates(cfg)
+    start = time.perf_counter()
+    if not params or not lrs:
+        return TrainResult([], [], 0, 0.0)
+    loader = train_loader(data, cfg, device)
+    optimizer = build_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    epoch_losses, steps, last_finite = [], 0, None
+    for epoch, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total, count = 0.0, 0
+        for batch, (images, labels) in enumerate(loader):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with _autocast(device, precision, training=True):
+                logits = model(images)
+                loss = model.loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"Loss is {loss.item()} at epoch {epoch + 1}, step {batch + 1}; "
+                                    f"last finite loss: {last_finite}. Lower OPTIM.LR or use PREC fp32.")
+            optimizer.zero_grad()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            last_finite = loss.item()
+            total += last_finite
+            count += 1
+            steps += 1
+            if on_step is not None:
+                on_step(epoch, batch, last_finite)
+        epoch_losses.append(total / max(count, 1))
+        log.info("epoch %d/%d lr %.4e loss %.4f", epoch + 1, len(lrs), lr, epoch_losses[-1])
+    return TrainResult(epoch_losses, lrs, steps, time.perf_counter() - start)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
+    """Accuracy and macro-F1 in percent, macro over the labels present in ``labels``."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    n = len(labels)
+    correct = int((labels == preds).sum())
+    f1s = []
+    for c in np.unique(labels):
+        tp = int(((preds == c) & (labels == c)).sum())
+        fp = int(((preds == c) & (labels != c)).sum())
+        fn = int(((preds != c) & (labels == c)).sum())
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {
+        "accuracy": 100.0 * correct / n if n else float("nan"),
+        "macro_f1": 100.0 * float(np.mean(f1s)) if f1s else float("nan"),
+        "n_images": n,
+        "n_correct": correct,
+    }
+
+
+@torch.no_grad()
+def predict(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str) -> np.ndarray:
+    model.eval()
+    preds = []
+    for images, _ in test_loader(data, cfg, device):
+        with _autocast(device, precision, training=False):
+            logits = model(images.to(device, non_blocking=True))
+        preds.append(logits.argmax(dim=-1).cpu())
+    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str) -> dict:
+    start = time.perf_counter()
+    preds = predict(model, data, cfg, device, precision)
+    metrics = classification_metrics(np.array([d.label for d in data]), preds)
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics
+
+
+# -- one run ----------------------------------------------------------------------------------
+_CLIP_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def _clip_copy(backbone: str) -> torch.nn.Module:
+    """A private fp32 CPU copy of the backbone (loaded once per process)."""
+    if backbone not in _CLIP_CACHE:
+        _CLIP_CACHE.clear()  # keep at most one backbone in memory
+        _CLIP_CACHE[backbone] = load_clip(backbone, "cpu")
+    return copy.deepcopy(_CLIP_CACHE[backbone])
+
+
+def software_versions() -> dict:
+    import open_clip
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
+            "numpy": np.__version__}
+
+
+def code_revision() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def execute(spec: RunSpec, device: str | torch.device | None = None,
+            on_step: Callable[[int, int, float], None] | None = None) -> dict:
+    """Train and evaluate one run spec; returns its record (status "ok")."""
+    started = time.time()
+    t0 = time.perf_counter()
+    cfg = config_node(spec)
+    device = resolve_device(device)
+    info = get_method(spec.method)
+    root = cfg.DATASET.ROOT
+
+    set_random_seed(spec.seed)
+    train_set = build_dataset(spec.dataset, root, num_shots=spec.shots, seed=spec.seed,
+                              subsample=spec.subsample)
+    clip = _clip_copy(spec.backbone)
+    image_size = clip_info(clip)["image_size"]
+    if tuple(cfg.INPUT.SIZE) != (image_size, image_size):
+        # the official trainers assert this; the backbone decides the input size
+        cfg.defrost()
+        cfg.INPUT.SIZE = (image_size, image_size)
+        cfg.freeze()
+    # loading a backbone may draw from torch's RNG (or not, when cached): re-seed so that a
+    # run's initialisation and batches depend on its seed only
+    torch.manual_seed(spec.seed)
+    requested = str(cfg.TRAINER[info.node].get("PREC", "fp32"))
+    precision = effective_precision(requested, device)
+    clip = cast_clip(clip, precision)
+    model = build_method(spec.method, clip, train_set.classnames, cfg).to(device)
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    if model.fit is not None:
+        fit_start = time.perf_counter()
+        model.fit(train_loader(train_set.train, cfg, device), device)
+        result = TrainResult([], [], 0, time.perf_counter() - fit_start)
+    else:
+        result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
+
+    metrics = {}
+    for ev in spec.evals:
+        if ev.dataset == spec.dataset and ev.subsample == spec.subsample:
+            data, names = train_set.test, train_set.classnames
+        else:
+            other = build_dataset(ev.dataset, root, num_shots=spec.shots if ev.dataset == spec.dataset else 0,
+                                  seed=spec.seed, subsample=ev.subsample)
+            data, names = other.test, other.classnames
+        if names != model.classnames:
+            model.set_classnames(names)
+        metrics[ev.name] = evaluate(model, data, cfg, device, precision)
+        metrics[ev.name]["n_classes"] = len(names)
+        log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
+
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "id": spec.run_id,
+        "status": "ok",
+        "method": spec.method,
+        "method_version": info.version,
+        "protocol": spec.protocol,
+        "stage": spec.stage,
+        "dataset": spec.dataset,
+        "shots": spec.shots,
+        "seed": spec.seed,
+        "subsample": spec.subsample,
+        "backbone": spec.backbone,
+        "backbone_id": spec.backbone_id,
+        "evals": [e.__dict__ for e in spec.evals],
+        "metrics": metrics,
+        "train": {
+            "n_images": len(train_set.train),
+            "n_classes": len(train_set.classnames),
+            "steps": result.steps,
+            "epoch_losses": result.epoch_losses,
+            "learning_rates": result.learning_rates,
+        },
+        "compute": {
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "precision_requested": requested,
+            "precision": precision,
+            "trainable_params": n_trainable,
+            "peak_memory_bytes": peak,
+        },
+        "timings": {"train_s": result.seconds, "total_s": time.perf_counter() - t0,
+                    "started": started, "finished": time.time()},
+        "config": spec.config,
+        "effective_input_size": list(cfg.INPUT.SIZE),
+        "software": software_versions(),
+        "code_revision": code_revision(),
+    }
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    if base is None or novel is None or math.isnan(base) or math.isnan(novel) or base + novel == 0:
+        return float("nan")
+    return 2 * base * novel / (base + novel)

@@ -1,0 +1,486 @@
+"""Records, split reading, few-shot sampling and base/new class subsampling.
+
+Reproduces the data side of the official code (its dataset base class and the
+per-dataset constructors) without importing it:
+
+- split JSON files are read as ``[relative path, label, class name]`` lists, order kept;
+- the few-shot draw visits labels in order of first appearance and takes
+  ``random.sample(items, K)`` per label, train first and then val with ``min(K, 4)``, on
+  one ``random`` stream seeded with the run's seed, so the same images are picked;
+- the draw is cached in ``<dataset_dir>/split_fewshot/shot_{K}-seed_{S}.pkl`` in the
+  official pickle format, and an existing cache is used as it is;
+- base/new subsampling splits the sorted train labels at ``ceil(n / 2)`` and relabels.
+
+Official pickles hold ``dassl.data.datasets.base_dataset.Datum`` objects with absolute
+paths of the machine that wrote them. They are read through a restricted unpickler that
+admits only that class and plain containers, and their paths are moved onto the current
+dataset root. Our own pickles are written so that the official code can read them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import tempfile
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from datasets.catalog import Spec
+
+log = logging.getLogger(__name__)
+
+SUBSAMPLE_CHOICES = ("all", "base", "new")
+FEWSHOT_DIR = "split_fewshot"
+DASSL_DATUM_MODULE = "dassl.data.datasets.base_dataset"
+DASSL_DATUM_NAME = "Datum"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One image: its path, integer label, class name and domain (always 0 here)."""
+
+    impath: str
+    label: int
+    classname: str
+    domain: int = 0
+
+
+class DatasetError(Exception):
+    """A dataset folder, split file or cache is missing or broken.
+
+    The message says what is wrong, the layout that was expected and how to fix it.
+    """
+
+
+class UnsafePickleError(DatasetError, pickle.UnpicklingError):
+    """A cache pickle asked for a class outside the small allow-list."""
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of one dataset as a run sees them (few-shot drawn, classes subsampled).
+
+    ``classnames`` lists the train set's class names by label, as the reference ``lab2cname``
+    does, so it is what text classifiers are built from.
+    """
+
+    name: str
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    classnames: list[str]
+    dataset_dir: str = ""  # absolute folder the data was read from
+    num_shots: int = 0
+    seed: int = 0
+    subsample: str = "all"
+    fewshot_cache: str | None = field(default=None, repr=False)  # pickle used or written
+
+    @property
+    def num_classes(self) -> int:
+        # officially max(label) + 1 over train; equal to len(classnames) after relabelling
+        if not self.train:
+            return len(self.classnames)
+        return max(d.label for d in self.train) + 1
+
+    @property
+    def lab2cname(self) -> dict[int, str]:
+        return label_names(self.train)
+
+    @property
+    def template(self) -> str:
+        """The zero-shot prompt template of this dataset (``"a photo of a {}."`` style)."""
+        from datasets.catalog import get_spec  # the catalog imports this module
+
+        return get_spec(self.name).template
+
+
+def label_names(data: Iterable[Datum]) -> dict[int, str]:
+    """Map label -> class name, sorted by label (the reference ``get_lab2cname``)."""
+    mapping = {d.label: d.classname for d in data}
+    return {label: mapping[label] for label in sorted(mapping)}
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def group_by_label(data: Iterable[Datum]) -> dict[int, list[Datum]]:
+    """Group items by label; groups keep the order in which labels first appear."""
+    groups: dict[int, list[Datum]] = {}
+    for item in data:
+        groups.setdefault(item.label, []).append(item)
+    return groups
+
+
+def generate_fewshot(
+    data: Sequence[Datum], num_shots: int, rng: random.Random, *, repeat: bool = False
+) -> list[Datum]:
+    """Draw ``num_shots`` items per label, exactly as the reference ``generate_fewshot_dataset``.
+
+    Labels are visited in order of first appearance in ``data`` (not sorted). A label
+    with at least K items gets ``rng.sample(items, K)``; a smaller one keeps all its items
+    and consumes no randomness (with ``repeat``, ``rng.choices(items, k=K)`` instead).
+    ``num_shots < 1`` returns the data unchanged.
+    """
+    if num_shots < 1:
+        return list(data)
+    out: list[Datum] = []
+    for items in group_by_label(data).values():
+        if len(items) >= num_shots:
+            out.extend(rng.sample(items, num_shots))
+        elif repeat:
+            out.extend(rng.choices(items, k=num_shots))
+        else:
+            out.extend(items)
+    return out
+
+
+def subsample_classes(*splits: Sequence[Datum], subsample: str = "all") -> tuple[list[Datum], ...]:
+    """Keep the base or new half of the classes, as the official ``subsample_classes``.
+
+    The labels are taken from the first split (train). With n of them, the first
+    ``ceil(n / 2)`` in ascending order are base and the rest new. Every split keeps only
+    the selected labels, relabelled 0.. in ascending original order; item order and class
+    names are kept. ``"all"`` returns the splits unchanged.
+    """
+    if subsample not in SUBSAMPLE_CHOICES:
+        raise ValueError(f"subsample must be one of {SUBSAMPLE_CHOICES}, got {subsample!r}")
+    if subsample == "all" or not splits:
+        return tuple(list(s) for s in splits)
+    labels = sorted({d.label for d in splits[0]})
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {old: new for new, old in enumerate(selected)}
+    return tuple(
+        [replace(d, label=relabel[d.label]) for d in split if d.label in relabel]
+        for split in splits
+    )
+
+
+# --------------------------------------------------------------------------- split files
+
+
+def read_split_json(
+    path: str | Path, prefix: str | Path
+) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """Read a ``split_zhou_<Name>.json`` file; paths are joined to ``prefix``.
+
+    Labels are cast with ``int`` and class names come from the file, as officially.
+    """
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            split = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"Split file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(
+            f"Split file {path} could not be read as JSON ({e}).\n"
+            "Replace it with a fresh copy of the official split file."
+        ) from None
+    if not isinstance(split, dict) or not all(k in split for k in ("train", "val", "test")):
+        raise DatasetError(f"Split file {path} must be a JSON object with keys train, val and test.")
+    prefix = str(prefix)
+    train, val, test = (_split_items(split[k], k, path, prefix) for k in ("train", "val", "test"))
+    return train, val, test
+
+
+def _split_items(rows: Any, key: str, path: str, prefix: str) -> list[Datum]:
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            impath, label, classname = row
+            out.append(Datum(os.path.join(prefix, impath), int(label), str(classname)))
+        except (TypeError, ValueError):
+            raise DatasetError(
+                f"Split file {path}: entry {i} of {key!r} is {row!r}, "
+                "expected [relative image path, integer label, class name]."
+            ) from None
+    return out
+
+
+# --------------------------------------------------------------------------- official pickles
+
+
+class _DasslDatum:
+    """Stand-in for the official ``Datum`` class when reading and writing its pickles.
+
+    Unpickling fills ``__dict__`` with ``_impath, _label, _domain, _classname``; the
+    constructor (which checks that the file exists) is never called.
+    """
+
+    def __init__(self, impath: str = "", label: int = 0, domain: int = 0, classname: str = ""):
+        self._impath = impath
+        self._label = label
+        self._domain = domain
+        self._classname = classname
+
+
+def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    # protocol 0/1 pickles build objects through copyreg._reconstructor; only our shim
+    if cls is not _DasslDatum or base is not object or state is not None:
+        raise UnsafePickleError("refusing copyreg._reconstructor for anything but the official Datum")
+    return object.__new__(cls)
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    (DASSL_DATUM_MODULE, DASSL_DATUM_NAME): _DasslDatum,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "defaultdict"): defaultdict,
+    ("copyreg", "_reconstructor"): _safe_reconstructor,
+    **{("builtins", t.__name__): t for t in (dict, list, tuple, set, frozenset, object,
+                                             str, bytes, int, float, bool)},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the official ``Datum`` (to a shim) and plain containers.
+
+    A pickle can name any importable callable and have it called; a cache file copied
+    from elsewhere must not be able to run code, so every other global is refused.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # names written by Python 2
+            module = "builtins"
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to load '{module}.{name}': a dataset cache may only hold "
+                f"{DASSL_DATUM_MODULE}.{DASSL_DATUM_NAME} records in dicts and lists"
+            ) from None
+
+
+class _DasslPickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Pickler that writes our shim under the official class path.
+
+    The C pickler insists that a class be importable under the name it writes, and the
+    official package is not installed; the Python pickler lets us write the reference.
+    """
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj is not _DasslDatum:
+            return super().save_global(obj, name)
+        if self.proto >= 4:
+            self.save(DASSL_DATUM_MODULE)
+            self.save(DASSL_DATUM_NAME)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{DASSL_DATUM_MODULE}\n{DASSL_DATUM_NAME}\n".encode())
+        self.memoize(obj)
+
+
+def _path_parts(path: str) -> list[str]:
+    # paths may come from another OS; split on both separators
+    return [p for p in re.split(r"[\\/]+", path) if p]
+
+
+class _Rebaser:
+    """Moves stored image paths under the current ``dataset_dir``.
+
+    The dataset folder's name is looked up in the stored path and what follows it is
+    joined to ``dataset_dir``. Where the name occurs more than once, the occurrence
+    followed by the image root's first part wins, else the last one. Paths of one cache
+    share their prefix, so the prefix found for one path is tried first on the next.
+    """
+
+    def __init__(self, dataset_dir: str, images: str = ""):
+        self.dataset_dir = dataset_dir
+        self.folder = os.path.basename(os.path.normpath(dataset_dir))
+        self.first = _path_parts(images)[0] if images else None
+        self.prefix: str | None = None
+
+    def __call__(self, stored: str) -> str:
+        if self.prefix and stored.startswith(self.prefix):
+            rest = stored[len(self.prefix):]
+            if os.sep == "/" and "\\" not in rest and "//" not in rest:
+                return self.dataset_dir + "/" + rest  # fast path: ImageNet holds 1.3M paths
+        else:
+            rest = self._locate(stored)
+        return os.path.join(self.dataset_dir, *_path_parts(rest))
+
+    def _locate(self, stored: str) -> str:
+        parts = _path_parts(stored)
+        hits = [i for i, p in enumerate(parts) if p == self.folder]
+        preferred = [i for i in hits if self.first and i + 1 < len(parts) and parts[i + 1] == self.first]
+        if hits:
+            i = (preferred or hits)[-1]
+            # remember the prefix up to and including the folder (with its separator)
+            m = re.match(r"^(?:[\\/]*[^\\/]+){%d}[\\/]+" % (i + 1), stored)
+            self.prefix = m.group(0) if m else None
+            return "/".join(parts[i + 1:])
+        if not _is_absolute(stored):
+            return stored
+        raise DatasetError(
+            f"Cannot place the cached path {stored!r} under {self.dataset_dir}: "
+            f"the folder name {self.folder!r} does not occur in it.\n"
+            "Delete the cache file so that it is rebuilt from the split files."
+        )
+
+
+def _is_absolute(path: str) -> bool:
+    return path.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", path))
+
+
+def read_dassl_pickle(path: str | Path, dataset_dir: str | Path, images: str = "") -> dict[str, list[Datum]]:
+    """Read an official cache pickle (``split_fewshot/*.pkl``, ``preprocessed.pkl``).
+
+    Returns a dict of split name -> list of ``Datum``, with each image path moved under
+    ``dataset_dir`` (see ``_Rebaser``). ``images`` is the image root relative to the
+    dataset folder; it only helps where the folder name occurs twice in a stored path.
+    Raises ``DatasetError`` (``UnsafePickleError`` for a disallowed class) on a bad file.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _RestrictedUnpickler(f).load()
+    except DatasetError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError,
+            IndexError) as e:  # what a truncated or foreign file raises
+        raise DatasetError(
+            f"Cache file {path} could not be read ({type(e).__name__}: {e}).\n"
+            "Delete it; it is rebuilt from the dataset on the next run."
+        ) from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"Cache file {path} holds a {type(obj).__name__}, expected a dict of lists.")
+    rebase = _Rebaser(os.path.abspath(str(dataset_dir)), images)
+    try:
+        return {str(k): _from_dassl(v, k, path, rebase) for k, v in obj.items()}
+    except DatasetError as e:
+        if path in str(e):
+            raise
+        raise DatasetError(f"Cache file {path}: {e}") from None
+
+
+def _from_dassl(items: Any, key: Any, path: str, rebase: _Rebaser) -> list[Datum]:
+    if not isinstance(items, list):
+        raise DatasetError(f"Cache file {path}: {key!r} holds a {type(items).__name__}, expected a list.")
+    out = []
+    for item in items:
+        state = getattr(item, "__dict__", None)
+        if not isinstance(item, _DasslDatum) or not isinstance(state.get("_impath"), str):
+            raise DatasetError(f"Cache file {path}: {key!r} holds {item!r}, expected Datum records.")
+        out.append(Datum(
+            impath=rebase(state["_impath"]),
+            label=int(state.get("_label", 0)),
+            classname=str(state.get("_classname", "")),
+            domain=int(state.get("_domain", 0)),
+        ))
+    return out
+
+
+def write_dassl_pickle(obj: dict[str, Sequence[Datum]], path: str | Path) -> None:
+    """Write a cache the official code can read: a dict of lists of its ``Datum`` objects.
+
+    Paths are stored absolute, with ``pickle.HIGHEST_PROTOCOL``; the file is written to a
+    temporary name in the same folder and renamed, so readers never see half a file.
+    """
+    payload = {k: [_to_dassl(d) for d in v] for k, v in obj.items()}
+    buf = io.BytesIO()
+    _DasslPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
+    _atomic_write(path, buf.getvalue())
+
+
+def _to_dassl(d: Datum) -> _DasslDatum:
+    return _DasslDatum(os.path.abspath(d.impath), int(d.label), int(d.domain), d.classname)
+
+
+def _atomic_write(path: str | Path, data: bytes) -> None:
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- building
+
+
+def fewshot_cache_path(dataset_dir: str | Path, num_shots: int, seed: int) -> str:
+    """Where the official code caches a few-shot draw (shared by base, new and all)."""
+    return os.path.join(str(dataset_dir), FEWSHOT_DIR, f"shot_{num_shots}-seed_{seed}.pkl")
+
+
+def build_dataset(
+    name: str, root: str | Path, num_shots: int = 0, seed: int = 1, subsample: str = "all"
+) -> DatasetSplits:
+    """Load ``name`` from the official folder layout under ``root``, as an official run does.
+
+    Steps: read all splits; if ``num_shots >= 1`` load the cached draw, or draw train
+    (K shots) then val (min(K, 4)) from one ``random.Random(seed)`` and cache it (ImageNet:
+    train only); then keep the ``subsample`` half of the classes. ImageNet's val is its
+    test set; the four ImageNet variants are test-only (train = test = all images, no val)
+    and ignore ``num_shots`` and ``subsample``, as officially.
+    """
+    from datasets.catalog import check_dataset, dataset_error, get_spec, resolve_name  # imports us
+
+    if subsample not in SUBSAMPLE_CHOICES:
+        raise ValueError(f"subsample must be one of {SUBSAMPLE_CHOICES}, got {subsample!r}")
+    name = resolve_name(name)  # official DATASET.NAME spellings are accepted too
+    spec = get_spec(name)
+    dataset_dir = os.path.join(os.path.abspath(os.path.expanduser(str(root))), spec.folder)
+    problems = check_dataset(name, root)
+    if problems:
+        raise dataset_error(name, root, problems)
+    train, val, test = spec.read(dataset_dir)
+    result = DatasetSplits(name=name, train=train, val=val, test=test, classnames=[],
+                           dataset_dir=dataset_dir, num_shots=num_shots, seed=seed, subsample=subsample)
+    if spec.test_only:
+        result.train, result.val, result.test = test, [], test
+    else:
+        if num_shots >= 1:
+            train, val, result.fewshot_cache = _fewshot(spec, dataset_dir, train, val, num_shots, seed)
+        if spec.val_is_test:
+            train, test = subsample_classes(train, test, subsample=subsample)
+            val = test
+        else:
+            train, val, test = subsample_classes(train, val, test, subsample=subsample)
+        result.train, result.val, result.test = train, val, test
+    result.classnames = list(label_names(result.train).values())
+    return result
+
+
+def _fewshot(spec: Spec, dataset_dir: str, train: list[Datum], val: list[Datum],
+             num_shots: int, seed: int) -> tuple[list[Datum], list[Datum], str | None]:
+    """Load or draw (and cache) the few-shot train/val lists, original labels kept."""
+    path = fewshot_cache_path(dataset_dir, num_shots, seed)
+    if os.path.exists(path):
+        log.info("Loading few-shot split from %s", path)
+        cached = read_dassl_pickle(path, dataset_dir, spec.images)
+        if "train" not in cached or (not spec.val_is_test and "val" not in cached):
+            raise DatasetError(f"Cache file {path} lacks the train/val lists; delete it to redraw.")
+        return cached["train"], cached.get("val", val), path
+    rng = random.Random(seed)  # = the official fresh `random.seed(seed)` stream
+    train = generate_fewshot(train, num_shots, rng)
+    payload = {"train": train}
+    if not spec.val_is_test:  # ImageNet draws no val; its val is the test set
+        val = generate_fewshot(val, min(num_shots, 4), rng)
+        payload["val"] = val
+    try:
+        write_dassl_pickle(payload, path)
+        log.info("Saved few-shot split to %s", path)
+    except OSError as e:
+        # a read-only data folder should not stop a run; the draw is deterministic anyway
+        log.warning("Could not write the few-shot cache %s (%s); continuing without it", path, e)
+        return train, val, None
+    return train, val, path

@@ -1,0 +1,235 @@
+"""The method registry: a method is an ``nn.Module`` registered under a short name.
+
+    @register_method("coop", node="COOP", defaults=dict(N_CTX=16, PREC="fp16"), ...)
+    class CoOp(Method): ...
+
+The registry key, the file name and the YAML name agree (``coop``, ``methods/coop.py``,
+``methods/configs/coop.yaml``).  A method's ``TRAINER.<NODE>`` defaults sit beside its
+code and are added to the config when the method registers.  Methods from outside the
+repository register the same way: import their module (``--plugin``) or expose it under
+the ``clip_fewshot_benchmark.methods`` entry point group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode as CN
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BUILTIN_MODULES = ("methods.zsclip", "methods.mma")
+ENTRY_POINT_GROUP = "clip_fewshot_benchmark.methods"
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+
+
+class MethodError(ValueError):
+    """An unknown method name or a method that cannot be built as asked."""
+
+
+@dataclass
+class MethodInfo:
+    name: str  # registry key, e.g. "mma"
+    cls: type
+    node: str  # config node under TRAINER, e.g. "MMADAPTER" (the official name)
+    defaults: dict  # TRAINER.<node>.* defaults
+    paper: str = ""  # title and venue
+    paper_name: str = ""  # spelling in the published tables, e.g. "MMA", "CLIP"
+    code: str = ""  # where the official implementation lives
+    version: int = 1  # bump whenever a change moves numbers; stored in every record
+    config_file: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+_LOADED = False
+
+
+def register_method(name: str, *, node: str | None = None, defaults: dict | None = None,
+                    paper: str = "", paper_name: str = "", code: str = "",
+                    version: int = 1) -> Callable[[type], type]:
+    """Class decorator adding a method to the registry under ``name``."""
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise MethodError(f"Method name '{name}' is registered twice "
+                              f"({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
+        yaml_file = CONFIG_DIR / f"{name}.yaml"
+        own_yaml = Path(getattr(cls, "config_file", "") or yaml_file)
+        _REGISTRY[name] = MethodInfo(
+            name=name, cls=cls, node=node or name.upper(), defaults=dict(defaults or {}),
+            paper=paper, paper_name=paper_name or name, code=code, version=version,
+            config_file=own_yaml if own_yaml.is_file() else None)
+        cls.registry_name = name
+        cls.node = node or name.upper()
+        return cls
+
+    return decorate
+
+
+def load_plugins(modules: Sequence[str] = ()) -> None:
+    """Import the built-in methods, entry-point plugins and ``--plugin`` modules."""
+    global _LOADED
+    if not _LOADED:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            entry.load()
+        _LOADED = True
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MethodError(f"Cannot import plugin module '{module}': {exc}. Give a module "
+                              f"importable from the current directory or PYTHONPATH.") from exc
+
+
+def list_methods() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodInfo:
+    load_plugins()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise MethodError(f"Unknown method '{name}'.{hint} Known methods: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
+
+
+def add_method_defaults(cfg: CN) -> None:
+    """Add every registered method's TRAINER.<NODE> defaults to cfg (before merging YAML)."""
+    load_plugins()
+    for info in _REGISTRY.values():
+        if info.node not in cfg.TRAINER:
+            cfg.TRAINER[info.node] = CN(dict(info.defaults))
+
+
+def build_method(name: str, clip: nn.Module, classnames: Sequence[str], cfg: CN) -> "Method":
+    """Build a registered method around a CLIP model for the given class names."""
+    info = get_method(name)
+    if not classnames:
+        raise MethodError(f"Method '{name}' needs at least one class name; got an empty list.")
+    model = info.cls(clip, list(classnames), cfg)
+    model.freeze()
+    return model
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _GradScale.apply(x, scale)
+
+
+class Method(nn.Module):
+    """Base class: a CLIP model plus what a method learns; ``forward(images) -> logits``.
+
+    The trainer owns the loop, optimiser, schedule, precision and evaluation.  A method
+    says which parameters train (``trainable``: name prefixes) and may override
+    ``loss``, ``set_classnames`` and ``fit`` (training-free or closed-form methods).
+    """
+
+    trainable: tuple[str, ...] = ()
+    # attribute holding what the official trainer registers and checkpoints
+    official_module: str = ""
+    # keys of the official state dict that hold class-dependent buffers, dropped on load
+    official_ignore: tuple[str, ...] = ()
+    registry_name = ""
+    node = ""
+
+    def __init__(self, clip: nn.Module, classnames: list[str], cfg: CN):
+        super().__init__()
+        self.clip = clip
+        self.cfg = cfg
+        self.classnames = list(classnames)
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def options(self) -> CN:
+        return self.cfg.TRAINER[self.node]
+
+    @property
+    def precision(self) -> str:
+        return str(self.options.get("PREC", "fp32"))
+
+    # -- hooks -------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Rebuild whatever depends on the class names (novel classes, other datasets)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change its class names")
+
+    fit = None  # training-free methods define fit(self, loader, device)
+
+    # -- parameters ----------------------------------------------------------------
+    def freeze(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(any(name.startswith(p) for p in self.trainable))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "Method":
+        # the official trainers put only the learned module in train mode; the frozen
+        # CLIP stays in eval mode (it has no dropout at the default settings anyway)
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype
+
+    # -- official checkpoints --------------------------------------------------------
+    def load_official_state_dict(self, state_dict: dict) -> None:
+        if not self.official_module:
+            raise MethodError(f"{type(self).__name__} has no learned weights to load.")
+        target: nn.Module = getattr(self, self.official_module)
+        state = {k: v for k, v in state_dict.items() if k not in self.official_ignore}
+        own = target.state_dict()
+        missing = sorted(k for k in own if k not in state and k not in self.official_ignore)
+        unexpected = sorted(k for k in state if k not in own)
+        wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:6]}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:6]}")
+            if wrong:
+                parts.append("shape mismatch " + ", ".join(
+                    f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4]))
+            raise MethodError(
+                f"The checkpoint does not fit {type(self).__name__} as configured: {'; '.join(parts)}. "
+                f"Check that the method, its options (e.g. adapter layers and dimension) and the "
+                f"backbone match the run that wrote the checkpoint.")
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value.to(own[key].dtype))
+        self.on_weights_loaded()
+
+    def on_weights_loaded(self) -> None:
+        """Drop caches that depend on the learned weights."""

@@ -1,0 +1,53 @@
+"""Zero-shot CLIP with one hand-written prompt template per dataset.
+
+"Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021), as
+run by the official CoOp code base's zero-shot trainer: class names with "_" replaced by
+spaces, put into the dataset's template (``datasets.catalog``: "a photo of a {}, a type
+of pet." for Oxford Pets, ...), encoded once, L2-normalised; logits are the image-text
+cosine similarities times CLIP's logit scale.  Nothing trains.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from benchmark.backbone import tokenize
+from methods.registry import Method, register_method
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def dataset_template(name: str) -> str:
+    """The zero-shot template of a dataset of the catalogue (the generic one otherwise)."""
+    from datasets.catalog import CATALOG
+
+    spec = CATALOG.get(name)
+    return spec.template if spec is not None else DEFAULT_TEMPLATE
+
+
+@register_method("zsclip", node="ZSCLIP", defaults=dict(PREC="fp16", TEMPLATE=""),
+                 paper="Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)",
+                 paper_name="CLIP", code="the CoOp code base, trainers/zsclip.py")
+class ZeroShotCLIP(Method):
+    trainable = ()
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__(clip, classnames, cfg)
+        self.template = self.options.TEMPLATE or dataset_template(cfg.DATASET.NAME)
+        self.register_buffer("text_features", torch.empty(0), persistent=False)
+        self.set_classnames(classnames)
+
+    @torch.no_grad()
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.classnames = list(classnames)
+        prompts = [self.template.format(c.replace("_", " ")) for c in self.classnames]
+        device = self.clip.logit_scale.device
+        features = self.clip.encode_text(tokenize(prompts).to(device))
+        self.text_features = F.normalize(features, dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(self.clip.encode_image(images.to(self.dtype)), dim=-1)
+        return self.clip.logit_scale.exp() * image_features @ self.text_features.t()

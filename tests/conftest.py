@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny CLIP built from an open_clip config and synthetic datasets
+written on disk in the real CoOp/Dassl layout (the real loaders read them)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from benchmark.backbone import load_clip
+
+B2N_TEST_DATASETS = ["oxford_pets", "eurosat"]
+
+
+@pytest.fixture(scope="session")
+def _tiny_clip_master():
+    return load_clip("tiny-clip-12", "cpu")
+
+
+@pytest.fixture
+def tiny_clip(_tiny_clip_master):
+    """A private copy of the 12-layer tiny CLIP (random weights, fixed seed)."""
+    return copy.deepcopy(_tiny_clip_master)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    from datasets.synthetic import write_synthetic_root
+
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_root(root, B2N_TEST_DATASETS)
+    return root
