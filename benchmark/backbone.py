@@ -253,7 +253,7 @@ def _resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> _Source:
             return _Source("open_clip", oc_name, "openai", spec=spec)
         raise BackboneError(
             f"{spec} was not found: no {filename} in {', '.join(str(d) for d in dirs)} and no "
-            f"{oc_name}:openai weights in the Hugging Face cache. This machine cannot download, so pass "
+            f"{oc_name}:openai weights in the local model-hub cache. This machine cannot download, so pass "
             f"--clip /path/to/{filename} (the OpenAI file), set CLIP_CACHE_DIR to the folder that holds it, "
             f"or use an open_clip name with a pretrained tag such as {oc_name}:openai that is in your local cache."
         )
@@ -496,7 +496,7 @@ def _build_open_clip(name: str, tag: str, cache_dir: str | os.PathLike | None, s
         or "multimodal_cfg" in arch
     ):
         raise BackboneError(
-            f"{spec}: open_clip builds {name} with a non-standard tower (Hugging Face text, timm vision or CoCa); "
+            f"{spec}: open_clip builds {name} with a non-standard tower (a hub text tower, a timm vision tower or CoCa); "
             "the methods here need open_clip's built-in CLIP towers (ViT or ModifiedResNet image tower and "
             "the OpenAI-style text transformer), e.g. ViT-B-16:openai."
         )

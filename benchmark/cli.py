@@ -21,6 +21,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from benchmark.backbone import BackboneError
+from datasets.base import DatasetError
+
 DEFAULT_OUTPUT = "results/runs"
 TINY_BACKBONE = "tiny-clip-12"
 SYNTHETIC_NOTE = ("[bold yellow]Built-in default: synthetic datasets and a tiny CLIP with random "
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "else a tiny random CLIP)")
     run.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    run.add_argument("--config-file", default=None, help="a YAML of Dassl-style keys merged after the method's")
+    run.add_argument("--config-file", default=None, help="a YAML of config keys (OPTIM.LR, ...) merged after the method's")
     run.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                      help="config overrides, e.g. --opts OPTIM.MAX_EPOCH 2 DATALOADER.NUM_WORKERS 0")
     run.add_argument("--plugin", action="append", default=[],
@@ -90,24 +93,34 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def print_table(table, title: str) -> None:
-    from benchmark.tables import NOTE, display_frame
+    """One rich table per method, narrow enough for 80 columns (std and the published
+    Base/Novel are in the markdown and CSV files)."""
+    from benchmark.tables import NOTE, _cell
 
-    shown = display_frame(table)
-    rich_table = Table(title=title)
-    for column in shown.columns:
-        rich_table.add_column(column, justify="left" if column in ("Method", "Dataset") else "right")
-    for row in shown.itertuples(index=False):
-        rich_table.add_row(*[str(v) for v in row])
-    console.print(rich_table)
+    for method, rows in table.groupby("method", sort=False):
+        rich_table = Table(title=f"{title}: {method}")
+        for column in ("Dataset", "Base", "Novel", "HM", "Seeds", "Paper HM", "ΔHM"):
+            rich_table.add_column(column, justify="left" if column == "Dataset" else "right")
+        for r in rows.itertuples(index=False):
+            delta = f"{r.delta_hm:+.2f}" if r.delta_hm == r.delta_hm else "-"
+            rich_table.add_row(r.dataset, _cell(r.base), _cell(r.novel), _cell(r.hm), str(r.seeds),
+                               _cell(r.paper_hm), delta)
+        console.print(rich_table)
     console.print(NOTE, style="dim")
 
 
-def build_tables(output: str | Path, protocol: str = "base2novel"):
+def build_tables(output: str | Path, protocol: str = "base2novel", run_ids: set[str] | None = None):
+    """Write the tables of every record under output; return the table of ``run_ids``
+    (all records when None) and the written paths."""
     from benchmark import store, tables
 
-    frame = tables.records_frame(store.iter_records(output))
-    table = tables.base2novel_table(frame, paper=tables.load_paper("base2novel"))
+    records = list(store.iter_records(output))
+    paper = tables.load_paper("base2novel")
+    table = tables.base2novel_table(tables.records_frame(records), paper=paper)
     paths = tables.write_tables(table, Path(output) / "tables", "base2novel")
+    if run_ids is not None:
+        chosen = [r for r in records if r.get("id") in run_ids]
+        table = tables.base2novel_table(tables.records_frame(chosen), paper=paper)
     return table, paths
 
 
@@ -169,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{len(summary.failed)} failed, in {summary.seconds:.1f} s")
     for label, error in summary.failed:
         console.print(f"  [red]{label}[/]: {error}")
-    table, paths = build_tables(args.output)
+    table, paths = build_tables(args.output, run_ids={spec.run_id for spec in specs})
     title = "Base-to-novel" + (" (synthetic data, tiny random CLIP: meaningless)" if synthetic else "")
     print_table(table, title)
     console.print(f"Tables: {paths['markdown']}, {paths['csv']}")
@@ -215,6 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("Interrupted: finished runs are saved; run the same command again to resume.")
         return 130
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, DatasetError, BackboneError) as exc:
         console.print(f"[bold red]Error:[/] {exc}", highlight=False)
         return 2

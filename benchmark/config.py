@@ -1,4 +1,4 @@
-"""Configuration: yacs nodes with the key names of the official Dassl-based trainers.
+"""Configuration: yacs nodes with the key names of the official trainers' toolbox.
 
 Merge order (later wins), as DESIGN.md states:
 
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 def get_cfg_default() -> CN:
     """The defaults of every key the harness reads, with the reference toolbox's values."""
     cfg = CN()
-    cfg.SEED = -1  # Dassl: < 0 means "do not seed"; protocols always set 1, 2, 3
+    cfg.SEED = -1  # < 0 means "do not seed"; protocols always set 1, 2, 3
     cfg.USE_CUDA = True
     cfg.OUTPUT_DIR = ""
 
@@ -101,7 +101,7 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file with "
-                          f"Dassl-style keys (e.g. OPTIM: {{LR: 0.002}}).")
+                          f"official-style keys (e.g. OPTIM: {{LR: 0.002}}).")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

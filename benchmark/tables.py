@@ -92,13 +92,25 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
         tables.append(pd.concat([rows.drop(columns="_o"), pd.DataFrame([avg])], ignore_index=True))
     table = pd.concat(tables, ignore_index=True)
     table["paper_method"] = table["method"].map(paper_name).str.lower()
+    table[["paper_base", "paper_novel", "paper_hm"]] = np.nan
     if paper is not None and not paper.empty:
-        pub = paper.assign(paper_method=paper["method"].str.lower())[
-            ["paper_method", "dataset", "base", "novel", "hm"]].rename(
-            columns={"base": "paper_base", "novel": "paper_novel", "hm": "paper_hm"})
-        table = table.merge(pub, on=["paper_method", "dataset"], how="left")
-    else:
-        table[["paper_base", "paper_novel", "paper_hm"]] = np.nan
+        pub = paper.assign(paper_method=paper["method"].str.lower()).set_index(["paper_method", "dataset"])
+        for i, row in table.iterrows():
+            if row["dataset"] != "average":
+                key = (row["paper_method"], row["dataset"])
+                if key in pub.index:
+                    table.loc[i, ["paper_base", "paper_novel", "paper_hm"]] = \
+                        pub.loc[key, ["base", "novel", "hm"]].to_numpy(dtype=float)
+                continue
+            shown = table[(table["method"] == row["method"]) & (table["dataset"] != "average")]
+            if set(shown["dataset"]) == set(dataset_order) and (row["paper_method"], "average") in pub.index:
+                # every dataset of the paper's table: its printed average
+                table.loc[i, ["paper_base", "paper_novel", "paper_hm"]] = \
+                    pub.loc[(row["paper_method"], "average"), ["base", "novel", "hm"]].to_numpy(dtype=float)
+            elif shown["paper_base"].notna().all() and shown["paper_novel"].notna().all():
+                # a subset: the published per-dataset numbers averaged over the same datasets
+                b, n = shown["paper_base"].mean(), shown["paper_novel"].mean()
+                table.loc[i, ["paper_base", "paper_novel", "paper_hm"]] = [b, n, float(_hm(b, n))]
     table["delta_hm"] = table["hm"] - table["paper_hm"]
     return table[columns]
 
@@ -129,7 +141,9 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
 NOTE = ("Base and Novel: mean ± std (population) over seeds; HM = 2·B·N/(B+N) of the seed means. "
         "Average row: mean of the per-dataset Base and Novel means over the datasets shown, "
         "HM of those averages (the MMA/MaPLe convention). Paper: published numbers "
-        "(results/paper/base2novel.csv); ΔHM = ours − paper. '-' = no run or no published number.")
+        "(results/paper/base2novel.csv); for an Average over fewer than all datasets, the published "
+        "per-dataset numbers averaged over the same datasets. ΔHM = ours − paper. '-' = no run or "
+        "no published number.")
 
 
 def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "base2novel") -> dict[str, Path]:

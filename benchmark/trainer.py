@@ -184,8 +184,13 @@ def cast_clip(clip: torch.nn.Module, precision: str) -> torch.nn.Module:
     the projections in fp16, layer norms and embeddings in fp32)."""
     if precision == "fp16":
         from open_clip.model import convert_weights_to_lp
+        from open_clip.transformer import LayerNorm, LayerNormFp32
 
         convert_weights_to_lp(clip, dtype=torch.float16)
+        for module in clip.modules():
+            if type(module) is LayerNorm:
+                # the released model's layer norms compute in fp32 and cast back
+                module.__class__ = LayerNormFp32
     return clip
 
 

@@ -90,7 +90,7 @@ def test_table_from_hand_made_records():
     avg = table[table.dataset == "average"].iloc[0]
     assert avg.base == pytest.approx((85 + 50) / 2) and avg.novel == pytest.approx((65 + 40) / 2)
     assert avg.hm == pytest.approx(2 * 67.5 * 52.5 / 120)  # HM of the averages, not mean of HMs
-    assert pd.isna(avg.paper_hm)
+    assert pd.isna(avg.paper_hm)  # no published dtd row: no comparable average
 
 
 def test_bad_names_fail_before_any_work(tmp_path):
@@ -100,3 +100,21 @@ def test_bad_names_fail_before_any_work(tmp_path):
     result = _run("--datasets", "oxford_pet", "--output", str(tmp_path))
     assert result.returncode == 2 and "oxford_pets" in result.stdout
     assert not (tmp_path / "records").exists()
+
+
+def test_paper_average_matches_the_datasets_shown():
+    def rec(dataset, base, novel):
+        return {"id": dataset, "status": "ok", "method": "mma", "protocol": "base2novel", "dataset": dataset,
+                "shots": 16, "seed": 1, "metrics": {"base": {"accuracy": base}, "novel": {"accuracy": novel}}}
+
+    paper = pd.DataFrame([{"method": "MMA", "dataset": "eurosat", "base": 80.0, "novel": 60.0, "hm": 68.57},
+                          {"method": "MMA", "dataset": "dtd", "base": 60.0, "novel": 40.0, "hm": 48.0},
+                          {"method": "MMA", "dataset": "average", "base": 83.2, "novel": 76.8, "hm": 79.87}])
+    table = base2novel_table(records_frame([rec("eurosat", 70, 50), rec("dtd", 50, 30)]), paper=paper)
+    avg = table[table.dataset == "average"].iloc[0]
+    # two datasets shown: the published 11-dataset average would not be comparable
+    assert avg.paper_base == 70.0 and avg.paper_novel == 50.0
+    assert avg.paper_hm == pytest.approx(2 * 70 * 50 / 120)
+    full = base2novel_table(records_frame([rec("eurosat", 70, 50), rec("dtd", 50, 30)]), paper=paper,
+                            dataset_order=["eurosat", "dtd"])
+    assert full[full.dataset == "average"].iloc[0].paper_hm == 79.87  # all datasets: the printed average
