@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark import backbone as B
     from benchmark import protocols
     from benchmark.sweep import run_sweep
-    from datasets.catalog import BASE2NOVEL_DATASETS, check_dataset, get_spec
+    from datasets.catalog import BASE2NOVEL_DATASETS, check_dataset, dataset_error, get_spec
     from methods.registry import get_method, load_plugins
 
     _setup_logging(args.verbose)
@@ -160,11 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         problems = {name: check_dataset(name, root) for name in datasets}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
-            lines = [f"  {name}: " + "; ".join(p) for name, p in problems.items()]
-            raise FileNotFoundError("Some datasets are missing or incomplete under "
-                                    f"{root}:\n" + "\n".join(lines) +
-                                    "\nFix the folders (see the README's data section) or leave those "
-                                    "datasets out with --datasets.")
+            messages = [str(dataset_error(name, root, p)) for name, p in problems.items()]
+            raise DatasetError("\n\n".join(messages) + f"\n\n{len(problems)} of {len(datasets)} datasets "
+                               "are not ready. Fix them, or leave them out with --datasets.")
     backbone = args.clip or (TINY_BACKBONE if synthetic else B.DEFAULT_BACKBONE)
     backbone_id = B.backbone_fingerprint(backbone)
     specs = protocols.expand(args.protocol, methods=args.methods, datasets=datasets, seeds=args.seeds,
@@ -229,5 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print("Interrupted: finished runs are saved; run the same command again to resume.")
         return 130
     except (ValueError, OSError, RuntimeError, DatasetError, BackboneError) as exc:
-        console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+        # soft wrap: paths in messages must stay copyable
+        console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
         return 2

@@ -368,6 +368,6 @@ def dataset_error(name: str, root: str | Path, problems: list[str]) -> DatasetEr
         f"To fix: download {spec.dassl_name} and put it at {where} as shown"
         + (f", with {spec.split} beside it" if spec.split else "")
         + " (see the README's data section). If your data lives elsewhere, pass the folder that"
-        " contains it as the data root (DATASET.ROOT)."
+        " contains it as the data root (--root on the command line, DATASET.ROOT in a config)."
     )
     return DatasetError("\n".join(lines))

@@ -118,3 +118,19 @@ def test_paper_average_matches_the_datasets_shown():
     full = base2novel_table(records_frame([rec("eurosat", 70, 50), rec("dtd", 50, 30)]), paper=paper,
                             dataset_order=["eurosat", "dtd"])
     assert full[full.dataset == "average"].iloc[0].paper_hm == 79.87  # all datasets: the printed average
+
+
+def test_missing_dataset_is_reported_before_any_work(tmp_path):
+    (tmp_path / "DATA" / "eurosat").mkdir(parents=True)  # present but without split file or images
+    result = _run("--datasets", "eurosat,dtd", "--root", str(tmp_path / "DATA"), "--clip", "tiny-clip-1",
+                  "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    text = " ".join(result.stdout.split())
+    assert "eurosat" in text and "split_zhou_EuroSAT.json" in text and "dtd" in text
+    assert not (tmp_path / "out" / "records").exists()
+
+
+def test_list_shows_methods_and_datasets():
+    result = _run("list")
+    assert result.returncode == 0
+    assert "mma" in result.stdout and "zsclip" in result.stdout and "imagenet_sketch" in result.stdout

@@ -119,3 +119,22 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss(tiny_clip, synthet
     assert after < before - 0.01  # a random CLIP: small but certain progress on the training set
     assert all(torch.equal(frozen[k], v) for k, v in model.clip.state_dict().items())
     assert any(not torch.equal(adapters[k], v) for k, v in model.adapter_learner.named_parameters())
+
+
+def test_same_seed_same_record(synthetic_root):
+    from benchmark.protocols import base2novel
+    from benchmark.trainer import execute
+
+    def spec(seed):
+        return base2novel(["mma"], ["oxford_pets"], [seed], 4, root=str(synthetic_root), backbone="tiny-clip-12",
+                          backbone_id="tiny", opts=["OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0"])[0]
+
+    first, again, other = execute(spec(1), "cpu"), execute(spec(1), "cpu"), execute(spec(2), "cpu")
+    assert first["metrics"]["base"]["accuracy"] == again["metrics"]["base"]["accuracy"]
+    assert first["metrics"]["novel"]["accuracy"] == again["metrics"]["novel"]["accuracy"]
+    assert first["train"]["epoch_losses"] == again["train"]["epoch_losses"]
+    assert first["id"] == again["id"] != other["id"]
+    assert first["train"]["epoch_losses"] != other["train"]["epoch_losses"]
+    assert first["compute"]["precision_requested"] == "amp" and first["compute"]["precision"] == "fp32"
+    assert first["compute"]["trainable_params"] == sum(
+        8 * (2 * d * 32 + 32 + d) for d in (64, 128)) + 8 * (32 * 32 + 32)
