@@ -29,6 +29,9 @@ from PIL import Image
 from datasets.catalog import CATALOG, list_datasets, resolve_name
 
 SPLITS = ("train", "val", "test")
+# (label, split, index, variant style, rng) -> image; variant styles: "", "sketch",
+# "adversarial", "rendition" (ImageNet-V2, -Sketch, -A, -R)
+Painter = Callable[[int, str, int, str, np.random.Generator], Image.Image]
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,18 @@ class _Job:
     n: dict[str, int]
     image_size: int
     seed: int
+    names: list[str] | None = None  # class names to use instead of the dataset-style fakes
+    painter: Painter | None = None  # draws the images instead of the coloured shapes
 
     def draw(self, class_idx: int, split: str, j: int, style: str = "") -> Image.Image:
-        return _draw(class_idx, self.image_size, self._rng(class_idx, split, j), j, style)
+        rng = self._rng(class_idx, split, j)
+        if self.painter is not None:
+            return self.painter(class_idx, split, j, style, rng)
+        return _draw(class_idx, self.image_size, rng, j, style)
+
+    def classes(self, key: str | None = None) -> list[_Class]:
+        key = key or self.key
+        return _classes(key, self.n_classes) if self.names is None else _named_classes(key, self.names)
 
     def _rng(self, class_idx: int, split: str, j: int) -> np.random.Generator:
         salt = zlib.crc32(f"{self.key}/{split}".encode())
@@ -185,6 +197,29 @@ def _classes(key: str, n: int) -> list[_Class]:
     return [_Class(name, folder=wnid) for wnid, name in pairs]
 
 
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.replace("_", " ").split())
+
+
+def _named_classes(key: str, names: list[str]) -> list[_Class]:
+    """Given class names (e.g. "red star") dressed in dataset ``key``'s naming style."""
+    snake = [n.replace(" ", "_") for n in names]
+    if key in ("caltech101", "dtd"):
+        return [_Class(n, folder=f) for n, f in zip(names, snake)]
+    if key in ("oxford_pets", "food101"):  # names with underscores, as these JSON files spell them
+        return [_Class(f, folder=f, stem=f) for f in snake]
+    if key == "sun397":
+        return [_Class(n, folder=f"{f[0]}/{f}") for n, f in zip(names, snake)]
+    if key == "eurosat":
+        return [_Class(n, folder=_camel(n)) for n in names]
+    if key == "ucf101":
+        folders = ["_".join(p[:1].upper() + p[1:] for p in n.split()) for n in names]
+        return [_Class(f, folder=f, stem=_camel(n)) for n, f in zip(names, folders)]
+    if key in ("stanford_cars", "oxford_flowers", "fgvc_aircraft"):
+        return [_Class(n) for n in names]
+    return [_Class(n, folder=f"n{90000000 + i:08d}") for i, n in enumerate(names)]  # ImageNet family
+
+
 DEFAULT_CLASSES: dict[str, int] = {
     "imagenet": 8, "caltech101": 8, "oxford_pets": 7, "stanford_cars": 6, "oxford_flowers": 8,
     "food101": 7, "fgvc_aircraft": 6, "sun397": 7, "dtd": 7, "eurosat": 10, "ucf101": 7,
@@ -255,7 +290,7 @@ class _Namer:
 def _write_json_dataset(job: _Job, dataset_dir: Path) -> None:
     spec = CATALOG[job.key]
     image_root = dataset_dir / spec.images if spec.images else dataset_dir
-    classes = _classes(job.key, job.n_classes)
+    classes = job.classes()
     name = _Namer(job.key, job.seed)
     split_rows = {}
     for split in SPLITS:
@@ -287,7 +322,7 @@ def _extras(job: _Job, dataset_dir: Path, classes: list[_Class]) -> None:
 
 
 def _write_fgvc(job: _Job, dataset_dir: Path) -> None:
-    classes = _classes(job.key, job.n_classes)
+    classes = job.classes()
     (dataset_dir / "variants.txt").write_text("".join(c.name + "\n" for c in classes))
     image_id = 1000000
     for split in SPLITS:
@@ -307,7 +342,7 @@ def _write_classnames(dataset_dir: Path, classes: list[_Class]) -> None:
 
 
 def _write_imagenet(job: _Job, dataset_dir: Path) -> None:
-    classes = _classes("imagenet", job.n_classes)
+    classes = job.classes("imagenet")
     _write_classnames(dataset_dir, classes)
     val_id = 0
     for label, c in enumerate(classes):
@@ -330,7 +365,7 @@ _VARIANT_FILES = {
 
 def _write_variant(job: _Job, dataset_dir: Path) -> None:
     spec = CATALOG[job.key]
-    classes = _classes("imagenet", job.n_classes)
+    classes = job.classes("imagenet")
     _write_classnames(dataset_dir, classes)
     image_dir = dataset_dir / spec.images
     style, pattern = _VARIANT_FILES[job.key]
@@ -357,6 +392,8 @@ def write_synthetic_dataset(
     n_test: int = 4,
     image_size: int = 32,
     seed: int = 0,
+    names: list[str] | None = None,
+    painter: Painter | None = None,
 ) -> Path:
     """Write a fake ``name`` under ``root`` in its real layout; returns its dataset folder.
 
@@ -364,15 +401,18 @@ def write_synthetic_dataset(
     to ``images/train`` and ``n_test`` to ``images/val`` (its test set); the variants write
     ``n_test`` per class. For the ImageNet family ``n_classes`` is the size of the fake
     ImageNet class list; ImageNet-A and -R keep a subset of it (``variant_subset``).
-    The same arguments always give the same files.
+    The same arguments always give the same files. ``names`` replaces the made-up class
+    names (``n_classes`` is then their number) and ``painter`` the image drawing; the toy
+    world (``datasets.toy``) uses both.
     """
     key = resolve_name(name)
     dataset_dir = Path(root).expanduser() / CATALOG[key].folder
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    n = n_classes if n_classes is not None else DEFAULT_CLASSES[key]
+    n = len(names) if names is not None else n_classes if n_classes is not None else DEFAULT_CLASSES[key]
     if n < 1:
         raise ValueError("n_classes must be at least 1")
-    job = _Job(key, n, {"train": n_train, "val": n_val, "test": n_test}, image_size, seed)
+    job = _Job(key, n, {"train": n_train, "val": n_val, "test": n_test}, image_size, seed,
+               names=list(names) if names is not None else None, painter=painter)
     if key == "imagenet":
         _write_imagenet(job, dataset_dir)
     elif key == "fgvc_aircraft":
