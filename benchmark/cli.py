@@ -109,19 +109,32 @@ def print_table(table, title: str) -> None:
     console.print(NOTE, style="dim")
 
 
+WORLD_TITLES = {"real": "", "toy": " (toy world)",
+                "synthetic": " (synthetic data, tiny random CLIP: meaningless)"}
+
+
 def build_tables(output: str | Path, protocol: str = "base2novel", run_ids: set[str] | None = None):
-    """Write the tables of every record under output; return the table of ``run_ids``
-    (all records when None) and the written paths."""
+    """Write the tables of every record under output, one set per world (real data, toy
+    world, synthetic fakes: never mixed, and only real data is compared with published
+    numbers).  Returns {world: table} restricted to ``run_ids`` (all records when None)
+    and the paths written."""
     from benchmark import store, tables
 
     records = list(store.iter_records(output))
     paper = tables.load_paper("base2novel")
-    table = tables.base2novel_table(tables.records_frame(records), paper=paper)
-    paths = tables.write_tables(table, Path(output) / "tables", "base2novel")
-    if run_ids is not None:
-        chosen = [r for r in records if r.get("id") in run_ids]
-        table = tables.base2novel_table(tables.records_frame(chosen), paper=paper)
-    return table, paths
+    frame = tables.records_frame(records)
+    chosen = frame if run_ids is None else tables.records_frame(r for r in records if r.get("id") in run_ids)
+    shown, paths = {}, []
+    for world in frame["world"].unique():
+        pub = paper if world == "real" else None
+        table = tables.base2novel_table(frame[frame["world"] == world], paper=pub)
+        name = "base2novel" if world == "real" else f"base2novel-{world}"
+        written = tables.write_tables(table, Path(output) / "tables", name)
+        paths += [written["markdown"], written["csv"]]
+        part = chosen[chosen["world"] == world]
+        if not part.empty:
+            shown[world] = table if run_ids is None else tables.base2novel_table(part, paper=pub)
+    return shown, paths
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -180,22 +193,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{len(summary.failed)} failed, in {summary.seconds:.1f} s")
     for label, error in summary.failed:
         console.print(f"  [red]{label}[/]: {error}")
-    table, paths = build_tables(args.output, run_ids={spec.run_id for spec in specs})
-    title = "Base-to-novel" + (" (synthetic data, tiny random CLIP: meaningless)" if synthetic else "")
-    print_table(table, title)
-    console.print(f"Tables: {paths['markdown']}, {paths['csv']}")
+    shown, paths = build_tables(args.output, run_ids={spec.run_id for spec in specs})
+    for world, table in shown.items():
+        print_table(table, "Base-to-novel" + WORLD_TITLES.get(world, ""))
+    console.print("Tables: " + ", ".join(str(p) for p in paths), soft_wrap=True)
     return 1 if summary.failed else 0
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    table, paths = build_tables(args.output, args.protocol)
-    if table.empty:
+    shown, paths = build_tables(args.output, args.protocol)
+    if not shown:
         console.print(f"No finished {args.protocol} runs under {args.output}/records.")
         return 1
-    if args.format == "csv":
-        print(paths["csv"].read_text(), end="")
-    else:
-        print_table(table, args.protocol)
+    for world, table in shown.items():
+        if args.format == "csv":
+            print(f"# {world}")
+            print(table.to_csv(index=False, float_format="%.4f"), end="")
+        else:
+            print_table(table, args.protocol + WORLD_TITLES.get(world, ""))
     return 0
 
 

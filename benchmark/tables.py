@@ -26,11 +26,12 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         if rec.get("status") != "ok":
             continue
         for split, m in rec.get("metrics", {}).items():
-            rows.append({"method": rec["method"], "protocol": rec["protocol"], "dataset": rec["dataset"],
+            rows.append({"world": rec.get("world", "real"), "method": rec["method"],
+                         "protocol": rec["protocol"], "dataset": rec["dataset"],
                          "shots": rec["shots"], "seed": rec["seed"], "backbone": rec.get("backbone"),
                          "split": split, "accuracy": m["accuracy"], "macro_f1": m.get("macro_f1"),
                          "n_images": m.get("n_images")})
-    columns = ["method", "protocol", "dataset", "shots", "seed", "backbone", "split", "accuracy",
+    columns = ["world", "method", "protocol", "dataset", "shots", "seed", "backbone", "split", "accuracy",
                "macro_f1", "n_images"]
     return pd.DataFrame(rows, columns=columns)
 

@@ -35,6 +35,7 @@ from benchmark.backbone import clip_info, load_clip, resolve_device
 from benchmark.protocols import RunSpec, config_node
 from benchmark.transforms import build_test_transform, build_train_transform
 from datasets.base import Datum, build_dataset
+from datasets.toy import world_of
 from methods.registry import Method, build_method, get_method
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         "subsample": spec.subsample,
         "backbone": spec.backbone,
         "backbone_id": spec.backbone_id,
+        "world": world_of(root),
         "evals": [e.__dict__ for e in spec.evals],
         "metrics": metrics,
         "train": {

@@ -29,6 +29,7 @@ from PIL import Image
 from datasets.catalog import CATALOG, list_datasets, resolve_name
 
 SPLITS = ("train", "val", "test")
+MARKER = "synthetic.json"  # marks a root of fakes: tables never compare it with published numbers
 # (label, split, index, variant style, rng) -> image; variant styles: "", "sketch",
 # "adversarial", "rendition" (ImageNet-V2, -Sketch, -A, -R)
 Painter = Callable[[int, str, int, str, np.random.Generator], Image.Image]
@@ -428,4 +429,5 @@ def write_synthetic_root(root: str | Path, names: list[str] | None = None, **kw)
     """Write several fake datasets (all fifteen by default) under ``root``; returns ``root``."""
     for name in names or list_datasets():
         write_synthetic_dataset(name, root, **kw)
+    (Path(root) / MARKER).write_text(json.dumps({"world": "synthetic"}) + "\n")
     return Path(root)

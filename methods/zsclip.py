@@ -20,10 +20,15 @@ from methods.registry import Method, register_method
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-def dataset_template(name: str) -> str:
-    """The zero-shot template of a dataset of the catalogue (the generic one otherwise)."""
-    from datasets.catalog import CATALOG
+def dataset_template(name: str, root: str = "") -> str:
+    """The zero-shot template of a dataset of the catalogue (the generic one otherwise).
 
+    In the toy world every slot uses the toy CLIP's caption form instead."""
+    from datasets.catalog import CATALOG
+    from datasets.toy import TEMPLATE, is_toy_root
+
+    if root and is_toy_root(root):
+        return TEMPLATE
     spec = CATALOG.get(name)
     return spec.template if spec is not None else DEFAULT_TEMPLATE
 
@@ -36,7 +41,7 @@ class ZeroShotCLIP(Method):
 
     def __init__(self, clip, classnames, cfg):
         super().__init__(clip, classnames, cfg)
-        self.template = self.options.TEMPLATE or dataset_template(cfg.DATASET.NAME)
+        self.template = self.options.TEMPLATE or dataset_template(cfg.DATASET.NAME, cfg.DATASET.ROOT)
         self.register_buffer("text_features", torch.empty(0), persistent=False)
         self.set_classnames(classnames)
 

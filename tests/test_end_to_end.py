@@ -46,10 +46,12 @@ def test_base2novel_mma_and_zsclip(tmp_path, synthetic_root):
     zs = next(r for r in records if r["method"] == "zsclip" and r["dataset"] == "eurosat" and r["seed"] == 1)
     assert zs["train"]["steps"] == 0
 
-    csv = pd.read_csv(out / "tables" / "base2novel.csv")
+    csv = pd.read_csv(out / "tables" / "base2novel-synthetic.csv")
     assert {"base", "novel", "hm"} <= set(csv.columns)
     assert set(csv["dataset"]) == {"oxford_pets", "eurosat", "average"}
-    md = (out / "tables" / "base2novel.md").read_text()
+    assert csv["paper_hm"].isna().all()  # fakes are never compared with published numbers
+    assert all(r["world"] == "synthetic" for r in records)
+    md = (out / "tables" / "base2novel-synthetic.md").read_text()
     assert "HM" in md and "Novel" in md
 
     # the table agrees with the records: HM of the seed means
@@ -63,7 +65,7 @@ def test_base2novel_mma_and_zsclip(tmp_path, synthetic_root):
     second = _run(*args)
     assert second.returncode == 0, second.stderr
     assert "0 done, 8 already finished" in second.stdout
-    assert pd.read_csv(out / "tables" / "base2novel.csv").equals(csv)
+    assert pd.read_csv(out / "tables" / "base2novel-synthetic.csv").equals(csv)
 
     table = _run("table", "--output", str(out), "--format", "csv")
     assert table.returncode == 0 and "eurosat" in table.stdout

@@ -1,0 +1,338 @@
+"""Pre-trains the toy CLIP (``model_configs/toy-clip.json``) on generated toy-world scenes.
+
+No pretrained CLIP weights exist on the development machines and a random CLIP makes
+every accuracy meaningless, so this trains a small 12-layer CLIP here, contrastively
+(open_clip's ``ClipLoss``, CLIP's BPE tokenizer), on freshly rendered (image, caption)
+pairs from :mod:`datasets.toyworld`. Held-out (shape, colour) pairs are never shown, so
+zero-shot accuracy on them measures generalisation to novel compositions.
+
+    python -m benchmark.toy_pretrain --out benchmark/weights/toy-clip.pt [--steps N] [--seed S] [--threads T]
+
+The data stream is drawn in the main process from one numpy generator seeded with the
+seed, and torch is seeded and limited to the given thread count, so a re-run on the same
+machine with the same thread count reproduces the weights bit for bit. The weights are
+written in fp16 as an OpenAI-format state dict (``load_clip(path)`` reads them back), with
+a sidecar JSON holding the command, settings, versions, timings, final loss and the
+zero-shot report of the saved weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import platform
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIP
+from open_clip.transformer import text_global_pool
+
+from benchmark.backbone import clip_info, load_clip, save_openai_checkpoint
+from datasets import toyworld as tw
+
+__all__ = ["CONFIG_NAME", "encode_text_truncated", "make_batch", "pretrain", "zero_shot_report", "main"]
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "toy-clip"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEMPLATE = "a photo of a {}."
+
+
+# --------------------------------------------------------------------------- data
+
+def _to_tensor(images: list) -> torch.Tensor:
+    """uint8 PIL images -> CLIP-normalised float batch (N, 3, H, W)."""
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _pretrain_scene(rng: np.random.Generator) -> tw.Scene:
+    styles = list(tw.PRETRAIN_STYLE_SHARES)
+    shares = np.array([tw.PRETRAIN_STYLE_SHARES[s] for s in styles])
+    style = styles[int(np.searchsorted(np.cumsum(shares) / shares.sum(), rng.random(), side="right"))]
+    return tw.sample_scene(rng, held_out_ok=False, styles=(style,))
+
+
+def make_batch(rng: np.random.Generator, batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Normalised images, CLIP tokens (77 wide) and the captions of freshly drawn pre-training scenes."""
+    scenes = [_pretrain_scene(rng) for _ in range(batch_size)]
+    images = [tw.render(s, image_size, rng) for s in scenes]
+    captions = [tw.caption(s, rng) for s in scenes]
+    return _to_tensor(images), open_clip.tokenize(captions).long(), captions
+
+
+def encode_text_truncated(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` on tokens cut to the longest real sequence in the batch.
+
+    The text tower is causal, so positions after the end-of-text token cannot change the
+    features pooled at it: the result equals the full 77-token pass, at a fraction of the cost.
+    """
+    length = int((tokens != 0).sum(dim=1).max())
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type)
+    return x @ model.text_projection
+
+
+# --------------------------------------------------------------------------- training
+
+def _param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
+    # as in CLIP training: no decay on gains, biases, the temperature and embeddings
+    # (the token table has ~49k rows of which the toy world uses a few hundred)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or "logit_scale" in name or "embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def pretrain(
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    warmup: int = 100,
+    log_every: int = 10,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[CLIP, list[float]]:
+    """Trains the toy CLIP from its seeded random init; returns the fp32 model and per-step losses."""
+    torch.manual_seed(seed)
+    model = load_clip(CONFIG_NAME, "cpu", seed=seed).train()
+    image_size = clip_info(model)["image_size"]
+    rng = np.random.default_rng(seed)
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, warmup, lr)
+        images, tokens, _ = make_batch(rng, batch_size, image_size)
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(encode_text_truncated(model, tokens), dim=-1)
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # CLIP's clamp: temperature at most 100
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss))
+        if on_log and (step % log_every == 0 or step == steps - 1):
+            on_log({
+                "step": step + 1, "steps": steps, "loss": losses[-1],
+                "loss_avg": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
+                "logit_scale": float(model.logit_scale.exp()), "elapsed_s": time.perf_counter() - start,
+            })
+    return model.eval(), losses
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _draw_scene(rng: np.random.Generator, fixed: dict[str, str], held_out_ok: bool) -> tw.Scene:
+    """A random scene with the given attributes fixed; a held-out pair only when allowed."""
+    while True:
+        scene = dataclasses.replace(tw.sample_scene(rng, held_out_ok=True), **fixed)
+        if held_out_ok or (scene.shape, scene.colour) not in tw.HELD_OUT:
+            return scene
+
+
+@torch.no_grad()
+def _classify(
+    model: CLIP, image_size: int, labels: list[str], classes: list[dict[str, str]], n_per_class: int,
+    rng: np.random.Generator, held_out_ok: bool = False, batch_size: int = 256,
+) -> dict[str, Any]:
+    """Zero-shot accuracy (percent) over images of `classes`, predicted among `labels`.
+
+    classes[i] fixes the scene attributes of class i, whose true label is labels[i];
+    labels may be longer than classes (extra distractor labels).
+    """
+    tokens = open_clip.tokenize([TEMPLATE.format(label) for label in labels]).long()
+    text = F.normalize(model.encode_text(tokens), dim=-1)
+    correct = 0
+    targets = [i for i in range(len(classes)) for _ in range(n_per_class)]
+    for lo in range(0, len(targets), batch_size):
+        chunk = targets[lo:lo + batch_size]
+        images = [tw.render(_draw_scene(rng, classes[i], held_out_ok), image_size, rng) for i in chunk]
+        feats = F.normalize(model.encode_image(_to_tensor(images)), dim=-1)
+        pred = (feats @ text.T).argmax(dim=1)
+        correct += int((pred == torch.tensor(chunk)).sum())
+    return {
+        "accuracy": 100.0 * correct / len(targets),
+        "chance": 100.0 / len(labels),
+        "n_classes": len(labels),
+        "n_images": len(targets),
+    }
+
+
+def zero_shot_report(model: CLIP, image_size: int, n_per_class: int, seed: int) -> dict[str, Any]:
+    """Zero-shot accuracy (percent, with chance level) on freshly rendered toy-world images.
+
+    Prompt ``"a photo of a {label}."``. Attribute tasks (photo style, other attributes
+    random, seen shape-colour pairs only) use the labels ``<shape>``, ``<colour> object``,
+    ``<pattern> object``, ``<size> object`` and ``object on a <background> background``.
+    Compositions use ``<colour> <shape>``: held-out pairs among the held-out labels
+    (``composition_novel``), seen pairs among the seen labels (``composition_seen``), and
+    each among all pairs (``..._all_pairs``, where the seen labels compete with the novel
+    ones). ``shape_by_style`` is shape accuracy per rendering style with the same prompt.
+    """
+    model = model.eval()
+
+    def rng_for(task: str) -> np.random.Generator:
+        return np.random.default_rng([seed, zlib.crc32(task.encode())])
+
+    report: dict[str, Any] = {"template": TEMPLATE, "n_per_class": n_per_class, "seed": seed, "unit": "percent"}
+    attribute_tasks = {
+        "shape": ("shape", tw.SHAPES, "{}"),
+        "colour": ("colour", tuple(tw.COLOURS), "{} object"),
+        "pattern": ("pattern", tw.PATTERNS, "{} object"),
+        "size": ("size", tw.SIZES, "{} object"),
+        "background": ("background", tw.BACKGROUNDS, "object on a {} background"),
+    }
+    for task, (field, values, label) in attribute_tasks.items():
+        report[task] = _classify(
+            model, image_size, [label.format(v) for v in values], [{field: v, "style": "photo"} for v in values],
+            n_per_class, rng_for(task),
+        )
+    all_pairs = [(s, c) for s in tw.SHAPES for c in tw.COLOURS]
+    novel = [p for p in all_pairs if p in tw.HELD_OUT]
+    seen = [p for p in all_pairs if p not in tw.HELD_OUT]
+
+    def pair_classes(pairs):
+        return [{"shape": s, "colour": c, "style": "photo"} for s, c in pairs]
+
+    def pair_labels(pairs):
+        return [f"{c} {s}" for s, c in pairs]
+
+    report["composition_novel"] = _classify(
+        model, image_size, pair_labels(novel), pair_classes(novel), n_per_class, rng_for("novel"), held_out_ok=True)
+    report["composition_seen"] = _classify(
+        model, image_size, pair_labels(seen), pair_classes(seen), n_per_class, rng_for("seen"))
+    # all 100 labels, images of one group: seen labels listed after the novel ones
+    report["composition_novel_all_pairs"] = _classify(
+        model, image_size, pair_labels(novel + seen), pair_classes(novel), n_per_class, rng_for("novel_all"),
+        held_out_ok=True)
+    report["composition_seen_all_pairs"] = _classify(
+        model, image_size, pair_labels(seen + novel), pair_classes(seen), n_per_class, rng_for("seen_all"))
+    report["shape_by_style"] = {
+        style: _classify(
+            model, image_size, list(tw.SHAPES), [{"shape": s, "style": style} for s in tw.SHAPES],
+            n_per_class, rng_for(f"style/{style}"),
+        )
+        for style in tw.STYLES
+    }
+    return report
+
+
+# --------------------------------------------------------------------------- command line
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _summary(report: dict[str, Any]) -> str:
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict) and "accuracy" in value:
+            lines.append(f"{key:30s} {value['accuracy']:6.1f}  (chance {value['chance']:.1f}, {value['n_classes']}-way)")
+        elif key == "shape_by_style":
+            for style, v in value.items():
+                lines.append(f"shape/{style:24s} {v['accuracy']:6.1f}  (chance {v['chance']:.1f})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.toy_pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="weights file to write (OpenAI format, fp16)")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; bit-for-bit reruns need the same")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-per-class", type=int, default=50, help="images per class in the zero-shot report; 0 skips it")
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+
+    def log(entry: dict[str, Any]) -> None:
+        _logger.info(
+            "step %d/%d loss %.4f (avg %.4f) lr %.2e scale %.1f %.0fs", entry["step"], entry["steps"], entry["loss"],
+            entry["loss_avg"], entry["lr"], entry["logit_scale"], entry["elapsed_s"],
+        )
+
+    start = time.perf_counter()
+    model, losses = pretrain(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup=args.warmup, log_every=args.log_every, on_log=log,
+    )
+    train_s = time.perf_counter() - start
+    half = copy.deepcopy(model).half()
+    save_openai_checkpoint(half, out)
+    loaded = load_clip(str(out), "cpu")  # report on exactly what was shipped
+    n_params = sum(p.numel() for p in loaded.parameters())
+    report = None
+    if args.eval_per_class > 0:
+        report = zero_shot_report(loaded, clip_info(loaded)["image_size"], args.eval_per_class, seed=args.seed + 1000)
+        _logger.info("zero-shot report:\n%s", _summary(report))
+    sidecar = {
+        "command": "python -m benchmark.toy_pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": CONFIG_NAME,
+        "config_json": open_clip.get_model_config(CONFIG_NAME),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "weights_file": out.name,
+        "weights_sha256": _sha256(out),
+        "weights_bytes": out.stat().st_size,
+        "dtype": "float16",
+        "n_parameters": n_params,
+        "pretrain_style_shares": tw.PRETRAIN_STYLE_SHARES,
+        "held_out_pairs": sorted(tw.HELD_OUT),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "open_clip": open_clip.__version__, "numpy": np.__version__},
+        "train_wall_s": train_s,
+        "total_wall_s": time.perf_counter() - start,
+        "final_loss": float(np.mean(losses[-20:])),
+        "final_loss_note": "mean over the last 20 steps",
+        "first_loss": losses[0],
+        "zero_shot": report,
+    }
+    sidecar_path = out.with_suffix(".json")
+    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    _logger.info("wrote %s (%d bytes) and %s", out, out.stat().st_size, sidecar_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
