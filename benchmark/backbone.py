@@ -54,6 +54,7 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "ViT-B/16"  # the backbone of the CoOp / MaPLe / MMA papers, OpenAI naming
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # weights shipped with the project
 
 # OpenAI model name -> (file name of OpenAI's release, open_clip name of the same weights)
 _OPENAI_MODELS: dict[str, tuple[str, str]] = {
@@ -233,6 +234,10 @@ def _resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> _Source:
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise BackboneError(f"Empty backbone spec {spec!r}. {_accepted_message()}")
     spec = str(spec).strip()
+    shipped = WEIGHTS_DIR / f"{spec}.pt"
+    if "/" not in spec and shipped.is_file():
+        # weights shipped with the project (the toy world's CLIP) win over a config of that name
+        return _Source("file", str(shipped), spec=spec)
     if spec in _tiny_config_names():
         return _Source("tiny", spec, spec=spec)
     path = Path(spec).expanduser()

@@ -4,9 +4,10 @@
     python run.py table --output results/runs
     python run.py list
 
-Without ``--root`` and ``--clip`` the harness runs on the built-in default: synthetic
-datasets written in the real folder layout and a tiny randomly initialised CLIP.  Those
-numbers only prove that the pipeline runs; they mean nothing about any method.
+Without ``--root`` and ``--clip`` the harness runs on the toy world: generated scenes
+written as datasets in the real folder layouts and a small CLIP pre-trained on such
+scenes (``datasets/toy.py``).  ``--world synthetic`` uses coloured-shape fakes and a
+random tiny CLIP instead: a smoke test whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from benchmark.backbone import BackboneError
 from datasets.base import DatasetError
 
 DEFAULT_OUTPUT = "results/runs"
-TINY_BACKBONE = "tiny-clip-12"
-SYNTHETIC_NOTE = ("[bold yellow]Built-in default: synthetic datasets and a tiny CLIP with random "
+WORLD_BACKBONES = {"toy": "toy-clip", "synthetic": "tiny-clip-12"}
+TOY_NOTE = ("[bold cyan]Toy world:[/] generated scenes and a small CLIP pre-trained on them on a "
+            "CPU. This is not the paper's data: the numbers show how methods behave in the toy world "
+            "only. Pass --root DATA and --clip WEIGHTS for real results.")
+SYNTHETIC_NOTE = ("[bold yellow]Synthetic world: fake datasets and a tiny CLIP with random "
                   "weights. These numbers only show that the pipeline runs; they mean nothing "
                   "about any method.[/] Pass --root DATA and --clip WEIGHTS for real results.")
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Few-shot CLIP adaptation benchmark: run sweeps, build tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Examples:\n  python run.py                       # built-in default (synthetic, tiny CLIP)\n"
+        epilog="Examples:\n  python run.py                       # the toy world (no data or weights needed)\n"
                "  python run.py --methods mma,zsclip --protocol base2novel --root DATA --clip ViT-B-16.pt\n"
                "  python run.py table --output results/runs\n  python run.py list")
     sub = parser.add_subparsers(dest="command")
@@ -63,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
     run.add_argument("--shots", type=int, default=16, help="shots per class (default: 16)")
     run.add_argument("--root", default=None,
-                     help="folder holding the datasets in the CoOp layout (default: synthetic data)")
+                     help="folder holding the datasets in the CoOp layout (default: the toy world)")
+    run.add_argument("--world", choices=("toy", "synthetic"), default="toy",
+                     help="without --root: toy (generated scenes and a CLIP pre-trained on them; "
+                          "the default) or synthetic (coloured-shape fakes and a random tiny CLIP: "
+                          "a smoke test whose numbers mean nothing)")
     run.add_argument("--clip", default=None,
                      help="CLIP weights: an OpenAI-format file, an OpenAI name (ViT-B/16) found in "
                           "the local cache, or an open_clip name:tag (default: ViT-B/16 with --root, "
@@ -137,6 +145,28 @@ def build_tables(output: str | Path, protocol: str = "base2novel", run_ids: set[
     return shown, paths
 
 
+def prepare_world(world: str, output: Path) -> Path:
+    """The built-in datasets under output (written once; rewritten when their version changes)."""
+    import json
+
+    if world == "toy":
+        from datasets import toy
+
+        root = output / "toy_data"
+        marker = root / toy.MARKER
+        if not marker.is_file() or json.loads(marker.read_text()).get("version") != toy.VERSION:
+            console.print(f"Writing the toy world's datasets to {root} ...")
+            toy.write_toy_root(root)
+        return root
+    from datasets import synthetic
+
+    root = output / "synthetic_data"
+    if not (root / synthetic.MARKER).is_file():
+        console.print(f"Writing synthetic datasets to {root} ...")
+        synthetic.write_synthetic_root(root)
+    return root
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark import backbone as B
     from benchmark import protocols
@@ -157,17 +187,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.shots < 1:
         raise ValueError(f"--shots must be at least 1, got {args.shots}.")
     opts = list(args.opts)
-    synthetic = args.root is None
-    if synthetic:
-        from datasets.synthetic import write_synthetic_root
-
-        root = Path(args.output) / "synthetic_data"
-        if not root.is_dir():
-            console.print(f"Writing synthetic datasets to {root} ...")
-            write_synthetic_root(root, datasets)
+    built_in = args.root is None
+    if built_in:
+        root = prepare_world(args.world, Path(args.output))
         if "DATALOADER.NUM_WORKERS" not in opts[::2]:
             opts = ["DATALOADER.NUM_WORKERS", "0"] + opts  # tiny images: workers cost more than they save
-        console.print(SYNTHETIC_NOTE)
+        console.print(TOY_NOTE if args.world == "toy" else SYNTHETIC_NOTE)
     else:
         root = Path(args.root)
         problems = {name: check_dataset(name, root) for name in datasets}
@@ -176,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             messages = [str(dataset_error(name, root, p)) for name, p in problems.items()]
             raise DatasetError("\n\n".join(messages) + f"\n\n{len(problems)} of {len(datasets)} datasets "
                                "are not ready. Fix them, or leave them out with --datasets.")
-    backbone = args.clip or (TINY_BACKBONE if synthetic else B.DEFAULT_BACKBONE)
+    backbone = args.clip or (WORLD_BACKBONES[args.world] if built_in else B.DEFAULT_BACKBONE)
     backbone_id = B.backbone_fingerprint(backbone)
     specs = protocols.expand(args.protocol, methods=args.methods, datasets=datasets, seeds=args.seeds,
                              shots=args.shots, root=str(root), backbone=backbone,

@@ -13,9 +13,9 @@ table runs exactly as on real data:
     oxford_flowers  colours ("red object")                    colour-driven
     food101         "<colour> <shape>", other seen pairs      compositions
     fgvc_aircraft   "<colour> <pattern> star"                 very fine-grained
-    sun397          backgrounds ("grass background")          scenes
-    dtd             patterns ("striped pattern")              textures
-    eurosat         "<shape> on <background>"                 layout
+    sun397          backgrounds ("object on a grass background")  scenes
+    dtd             patterns ("striped object")               textures
+    eurosat         "<shape> on a <background> background"    layout
     ucf101          "<colour> <shape>", HELD-OUT pairs         compositions never seen in pre-training
     imagenetv2      ImageNet's classes, fresh photos          in-domain re-test
     imagenet_sketch ImageNet's classes as sketches            domain shift
@@ -95,10 +95,10 @@ def build_tasks() -> dict[str, Task]:
         "fgvc_aircraft": Task([f"{c} {p} star" for c in colours[:4] for p in patterns],
                               [dict(shape="star", colour=c, pattern=p) for c in colours[:4] for p in patterns],
                               "colour and pattern of one shape"),
-        "sun397": Task([f"{b} background" for b in backgrounds], [dict(background=b) for b in backgrounds],
+        "sun397": Task([f"object on a {b} background" for b in backgrounds], [dict(background=b) for b in backgrounds],
                        "backgrounds"),
-        "dtd": Task([f"{p} pattern" for p in patterns], [dict(pattern=p) for p in patterns], "patterns"),
-        "eurosat": Task([f"{s} on {b}" for s, b in zip(shapes, backgrounds * 3)][:10],
+        "dtd": Task([f"{p} object" for p in patterns], [dict(pattern=p) for p in patterns], "patterns"),
+        "eurosat": Task([f"{s} on a {b} background" for s, b in zip(shapes, backgrounds * 3)][:10],
                         [dict(shape=s, background=b) for s, b in zip(shapes, backgrounds * 3)][:10],
                         "shape on background"),
         "ucf101": comp(novel_pairs),
