@@ -48,6 +48,12 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3; got '{text}'")
 
 
+def default_world() -> str:
+    from benchmark.backbone import WEIGHTS_DIR
+
+    return "toy" if (WEIGHTS_DIR / f"{WORLD_BACKBONES['toy']}.pt").is_file() else "synthetic"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Few-shot CLIP adaptation benchmark: run sweeps, build tables.",
@@ -68,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shots", type=int, default=16, help="shots per class (default: 16)")
     run.add_argument("--root", default=None,
                      help="folder holding the datasets in the CoOp layout (default: the toy world)")
-    run.add_argument("--world", choices=("toy", "synthetic"), default="toy",
+    run.add_argument("--world", choices=("toy", "synthetic"), default=default_world(),
                      help="without --root: toy (generated scenes and a CLIP pre-trained on them; "
-                          "the default) or synthetic (coloured-shape fakes and a random tiny CLIP: "
-                          "a smoke test whose numbers mean nothing)")
+                          "the default when its weights are shipped) or synthetic (coloured-shape "
+                          "fakes and a random tiny CLIP: a smoke test whose numbers mean nothing)")
     run.add_argument("--clip", default=None,
                      help="CLIP weights: an OpenAI-format file, an OpenAI name (ViT-B/16) found in "
                           "the local cache, or an open_clip name:tag (default: ViT-B/16 with --root, "
