@@ -640,7 +640,9 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        with open(tmp, "wb") as handle:  # a handle, not the temp name: the archive's inner
+            write(handle)  # folder name would be the random temp name and the bytes would differ
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a weights file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -156,7 +156,15 @@ def prepare_world(world: str, output: Path) -> Path:
     import json
 
     if world == "toy":
+        from benchmark.backbone import WEIGHTS_DIR
         from datasets import toy
+
+        weights = WEIGHTS_DIR / f"{WORLD_BACKBONES['toy']}.pt"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"The toy world needs its pre-trained CLIP at {weights}, which is not there. Train it "
+                f"with `python -m benchmark.toy_pretrain --out {weights}` (about 20 minutes on 2 cores), "
+                f"or use --world synthetic.")
 
         root = output / "toy_data"
         marker = root / toy.MARKER

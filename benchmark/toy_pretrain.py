@@ -95,6 +95,20 @@ def encode_text_truncated(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 
+def _random_model(seed: int) -> CLIP:
+    """The toy architecture with its seeded random init.
+
+    Built from the config directly: ``load_clip("toy-clip")`` prefers the shipped weights
+    once they exist. Same init as ``load_clip`` gives a config name (a private RNG stream
+    seeded with seed), so the shipped weights stay reproducible.
+    """
+    cfg = copy.deepcopy(open_clip.get_model_config(CONFIG_NAME))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(**cfg, cast_dtype=None)
+    return model.float()
+
+
 def _param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
     # as in CLIP training: no decay on gains, biases, the temperature and embeddings
     # (the token table has ~49k rows of which the toy world uses a few hundred)
@@ -118,16 +132,23 @@ def pretrain(
     *,
     steps: int,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.1,
     warmup: int = 100,
     log_every: int = 10,
+    overfit: bool = False,
+    probe_every: int = 0,
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[CLIP, list[float]]:
-    """Trains the toy CLIP from its seeded random init; returns the fp32 model and per-step losses."""
+    """Trains the toy CLIP from its seeded random init; returns the fp32 model and per-step losses.
+
+    overfit repeats the first batch at every step (a quick learning check for tests);
+    probe_every > 0 logs a small zero-shot shape probe at those steps (its own RNG, so the
+    training stream is unchanged).
+    """
     torch.manual_seed(seed)
-    model = load_clip(CONFIG_NAME, "cpu", seed=seed).train()
+    model = _random_model(seed).train()
     image_size = clip_info(model)["image_size"]
     rng = np.random.default_rng(seed)
     loss_fn = ClipLoss()
@@ -137,7 +158,8 @@ def pretrain(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, warmup, lr)
-        images, tokens, _ = make_batch(rng, batch_size, image_size)
+        if step == 0 or not overfit:
+            images, tokens, _ = make_batch(rng, batch_size, image_size)
         image_features = F.normalize(model.encode_image(images), dim=-1)
         text_features = F.normalize(encode_text_truncated(model, tokens), dim=-1)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())
@@ -146,12 +168,16 @@ def pretrain(
         opt.step()
         with torch.no_grad():  # CLIP's clamp: temperature at most 100
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if probe_every and (step + 1) % probe_every == 0:
+            probe = _classify(model, image_size, list(tw.SHAPES), [{"shape": s, "style": "photo"} for s in tw.SHAPES],
+                              10, np.random.default_rng([seed, 7, step]))
+            _logger.info("step %d: zero-shot shape accuracy %.1f%% (probe, 100 images)", step + 1, probe["accuracy"])
         if on_log and (step % log_every == 0 or step == steps - 1):
             on_log({
                 "step": step + 1, "steps": steps, "loss": losses[-1],
                 "loss_avg": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
-                "logit_scale": float(model.logit_scale.exp()), "elapsed_s": time.perf_counter() - start,
+                "logit_scale": float(model.logit_scale.detach().exp()), "elapsed_s": time.perf_counter() - start,
             })
     return model.eval(), losses
 
@@ -273,15 +299,16 @@ def _summary(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.toy_pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="weights file to write (OpenAI format, fp16)")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; bit-for-bit reruns need the same")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=80)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-per-class", type=int, default=50, help="images per class in the zero-shot report; 0 skips it")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--probe-every", type=int, default=200, help="steps between zero-shot shape probes in the log; 0: none")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
@@ -296,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model, losses = pretrain(
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup=args.warmup, log_every=args.log_every, on_log=log,
+        warmup=args.warmup, log_every=args.log_every, probe_every=args.probe_every, on_log=log,
     )
     train_s = time.perf_counter() - start
     half = copy.deepcopy(model).half()

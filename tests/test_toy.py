@@ -1,0 +1,43 @@
+"""The toy world's datasets: every slot written in its real layout and read by the real loaders."""
+
+from __future__ import annotations
+
+import pytest
+
+from datasets import toyworld as W
+from datasets.base import build_dataset
+from datasets.toy import TEMPLATE, build_tasks, world_of, write_toy_root
+from methods.zsclip import dataset_template
+
+SLOTS = ["caltech101", "ucf101", "oxford_pets", "imagenet", "imagenet_sketch"]
+SMALL = {"train": 16, "val": 2, "test": 10}
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_root(root, SLOTS, sizes=SMALL)
+    return root
+
+
+def test_slots_load_through_the_real_loaders(toy_root):
+    tasks = build_tasks()
+    assert world_of(toy_root) == "toy"
+    for slot in ["caltech101", "ucf101", "oxford_pets", "imagenet"]:
+        data = build_dataset(slot, toy_root, num_shots=4, seed=1)
+        n = len(tasks[slot].names)
+        assert len(data.classnames) == n
+        assert len(data.train) == 4 * n and len(data.test) == SMALL["test"] * n
+        # names as the slot's layout spells them (underscores where the real JSON has them)
+        assert [c.replace("_", " ").lower() for c in data.classnames] == [c.lower() for c in tasks[slot].names]
+    sketch = build_dataset("imagenet_sketch", toy_root)
+    assert sketch.classnames == tasks["imagenet"].names
+    assert dataset_template("oxford_pets", str(toy_root)) == TEMPLATE
+
+
+def test_held_out_compositions_only_in_the_novel_slot():
+    tasks = build_tasks()
+    novel = {tuple(d.values()) for d in tasks["ucf101"].fixed}
+    seen = {tuple(d.values()) for d in tasks["imagenet"].fixed + tasks["food101"].fixed}
+    assert novel and novel <= W.HELD_OUT
+    assert not seen & W.HELD_OUT
