@@ -61,15 +61,18 @@ def load_official_checkpoint(model, path: str | Path) -> dict:
 
     The file is the reference toolbox's ``<registered name>/model.pth.tar-N`` (or
     ``model-best.pth.tar``): a dict whose ``state_dict`` holds the official parameter
-    names.  Class-dependent buffers are dropped and rebuilt for the model's class names.
+    names.  It is read weights-only, or, when it holds pickled scheduler objects (runs
+    with a warm-up), through a restricted unpickler (``benchmark.safe_load``).  Class-dependent buffers are dropped and rebuilt for the model's class names.
     Returns the checkpoint's other fields (epoch, ...).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist. Official runs write it as "
                                 f"<output>/<registered name>/model.pth.tar-<epoch>.")
+    from benchmark.safe_load import load_checkpoint
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(path)
     except Exception as exc:
         raise ValueError(f"{path} is not a checkpoint that can be read safely: {exc}") from exc
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None

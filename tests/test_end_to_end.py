@@ -23,18 +23,18 @@ def _run(*args, cwd=REPO):
 
 
 @pytest.mark.slow
-def test_base2novel_mma_and_zsclip(tmp_path, synthetic_root):
+def test_base2novel_every_method(tmp_path, synthetic_root):
     out = tmp_path / "out"
-    args = ["--methods", "mma,zsclip", "--protocol", "base2novel", "--datasets", "oxford_pets,eurosat",
+    args = ["--methods", "mma,zsclip,coop", "--protocol", "base2novel", "--datasets", "oxford_pets,eurosat",
             "--seeds", "1,2", "--output", str(out), "--root", str(synthetic_root), "--clip", "tiny-clip-12",
             "--opts", "OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0"]
     first = _run(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    # 2 methods x 2 datasets x 2 seeds = 8 runs
-    assert "8 done, 0 already finished, 0 failed" in first.stdout
+    # 3 methods x 2 datasets x 2 seeds = 12 runs
+    assert "12 done, 0 already finished, 0 failed" in first.stdout
 
     records = list(store.iter_records(out))
-    assert len(records) == 8 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 12 and all(r["status"] == "ok" for r in records)
     mma = next(r for r in records if r["method"] == "mma" and r["dataset"] == "eurosat" and r["seed"] == 1)
     assert set(mma["metrics"]) == {"base", "novel"}
     assert mma["train"]["steps"] > 0 and mma["compute"]["trainable_params"] > 0
@@ -45,6 +45,9 @@ def test_base2novel_mma_and_zsclip(tmp_path, synthetic_root):
     assert mma["metrics"]["novel"]["n_classes"] == n_all - math.ceil(n_all / 2)
     zs = next(r for r in records if r["method"] == "zsclip" and r["dataset"] == "eurosat" and r["seed"] == 1)
     assert zs["train"]["steps"] == 0
+    coop = next(r for r in records if r["method"] == "coop" and r["dataset"] == "eurosat" and r["seed"] == 1)
+    assert coop["train"]["learning_rates"] == [1e-5, 0.002]  # one constant warm-up epoch, then the base rate
+    assert coop["compute"]["trainable_params"] == 4 * 64  # "a photo of a": 4 context vectors of width 64
 
     csv = pd.read_csv(out / "tables" / "base2novel-synthetic.csv")
     assert {"base", "novel", "hm"} <= set(csv.columns)
@@ -64,7 +67,7 @@ def test_base2novel_mma_and_zsclip(tmp_path, synthetic_root):
     # a second invocation repeats nothing and rebuilds the same table
     second = _run(*args)
     assert second.returncode == 0, second.stderr
-    assert "0 done, 8 already finished" in second.stdout
+    assert "0 done, 12 already finished" in second.stdout
     assert pd.read_csv(out / "tables" / "base2novel-synthetic.csv").equals(csv)
 
     table = _run("table", "--output", str(out), "--format", "csv")

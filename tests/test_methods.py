@@ -79,3 +79,32 @@ def test_coop_official_checkpoint_round_trip(tiny_clip, tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(trained(images), fresh(images))
+
+
+def _official_coop_file(path, ctx):
+    """A checkpoint as the official trainer writes it after a warm-up run: the scheduler
+    state holds the pickled successor scheduler object (and through it the optimiser)."""
+    param = torch.nn.Parameter(ctx.clone())
+    optim = torch.optim.SGD([param], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    successor = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=200.0)
+    scheduler = {"successor": successor, "warmup_epoch": 1, "cons_lr": 1e-5, "last_epoch": 200}
+    torch.save({"state_dict": {"ctx": param.detach(), "token_prefix": torch.zeros(1), "token_suffix": torch.zeros(1)},
+                "epoch": 200, "optimizer": optim.state_dict(), "scheduler": scheduler, "val_result": None}, path)
+
+
+def test_official_checkpoint_with_scheduler_objects_loads_safely(tiny_clip, tmp_path):
+    import os
+
+    model = benchmark.build("coop", NAMES, clip=tiny_clip, CTX_INIT="a photo of a")
+    ctx = torch.randn_like(model.prompt_learner.ctx)
+    _official_coop_file(tmp_path / "model.pth.tar-200", ctx)
+    assert benchmark.load_official_checkpoint(model, tmp_path / "model.pth.tar-200")["epoch"] == 200
+    assert torch.equal(model.prompt_learner.ctx, ctx)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo should-not-run",))
+
+    torch.save({"state_dict": {"ctx": ctx}, "extra": Payload()}, tmp_path / "evil.pth.tar")
+    with pytest.raises(ValueError, match="posix.system|refusing"):
+        benchmark.load_official_checkpoint(model, tmp_path / "evil.pth.tar")
