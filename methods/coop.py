@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, register_method
+from methods.registry import Method, encode_text_embeddings, register_method
 
 
 def _name_lengths(names: Sequence[str]) -> list[int]:
@@ -94,17 +94,6 @@ class PromptLearner(nn.Module):
         return torch.cat(prompts, dim=0)
 
 
-def encode_prompts(clip: nn.Module, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """CLIP's text transformer on prompt embeddings; features at each EOS token."""
-    x = prompts + clip.positional_embedding.to(prompts.dtype)
-    mask = clip.attn_mask
-    mask = mask.to(x.dtype) if mask is not None and mask.is_floating_point() else mask
-    for block in clip.transformer.resblocks:
-        x = block(x, attn_mask=mask)
-    x = clip.ln_final(x).to(prompts.dtype)
-    return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ clip.text_projection
-
-
 @register_method(
     "coop", node="COOP",
     defaults=dict(N_CTX=16, CSC=False, CTX_INIT="", PREC="fp16", CLASS_TOKEN_POSITION="end"),
@@ -126,7 +115,7 @@ class CoOp(Method):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image = self.clip.encode_image(images.to(self.dtype))
         learner = self.prompt_learner
-        text = encode_prompts(self.clip, learner(), learner.tokenized_prompts)
+        text = encode_text_embeddings(self.clip, learner(), learner.tokenized_prompts)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         return self.clip.logit_scale.exp() * image @ text.t()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, grad_scale, register_method
+from methods.registry import Method, encode_text_embeddings, grad_scale, register_method
 
 
 def _build_adapters(d_model: int, n_layers: int, start: int, end: int, dim: int) -> nn.ModuleList:
@@ -153,13 +153,8 @@ class MMA(Method):
         y = learner.branch("text", 0, x, None)
         if y is not None:
             x = x + y
-        x = x + clip.positional_embedding.to(x.dtype)
-        mask = clip.attn_mask
-        mask = mask.to(x.dtype) if mask is not None and mask.is_floating_point() else mask
-        x = self._run_blocks("text", clip.transformer.resblocks, x, attn_mask=mask)
-        x = clip.ln_final(x).to(x.dtype)
-        eot = learner.tokenized_prompts.argmax(dim=-1)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ clip.text_projection
+        return encode_text_embeddings(clip, x, learner.tokenized_prompts,
+                                      lambda blocks, h, mask: self._run_blocks("text", blocks, h, mask))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual

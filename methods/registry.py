@@ -140,6 +140,26 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _GradScale.apply(x, scale)
 
 
+def encode_text_embeddings(clip: nn.Module, prompts: torch.Tensor, tokens: torch.Tensor,
+                           run_blocks: Callable | None = None) -> torch.Tensor:
+    """CLIP's text transformer on prompt *embeddings* (learned or adapted), as the official
+    prompt-learning trainers run it: + positional embedding, the causal blocks, ln_final,
+    the features at each end-of-text token, the text projection.
+
+    ``run_blocks(blocks, x, attn_mask) -> x`` replaces the plain pass through the blocks
+    (methods that act inside them, such as adapters)."""
+    x = prompts + clip.positional_embedding.to(prompts.dtype)
+    mask = clip.attn_mask
+    mask = mask.to(x.dtype) if mask is not None and mask.is_floating_point() else mask
+    if run_blocks is None:
+        for block in clip.transformer.resblocks:
+            x = block(x, attn_mask=mask)
+    else:
+        x = run_blocks(clip.transformer.resblocks, x, mask)
+    x = clip.ln_final(x).to(prompts.dtype)
+    return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ clip.text_projection
+
+
 class Method(nn.Module):
     """Base class: a CLIP model plus what a method learns; ``forward(images) -> logits``.
 

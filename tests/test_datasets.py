@@ -403,7 +403,7 @@ def test_rebase_windows_paths_and_repeated_folder_names(tmp_path, fake_dassl):
 
 def test_official_preprocessed_imagenet_pickle_is_read(tmp_path, fake_dassl):
     write_synthetic_dataset("imagenet", tmp_path, n_classes=2, n_train=2, n_test=1)
-    prefix = "/home/someone/data/imagenet/images/"
+    prefix = "/data/other_machine/imagenet/images/"
     obj = {"train": [fake_dassl(prefix + "train/n01440764/n01440764_1000.JPEG", 0, 0, "tench"),
                      fake_dassl(prefix + "train/n01443537/n01443537_1000.JPEG", 1, 0, "goldfish")],
            "test": [fake_dassl(prefix + "val/n01443537/ILSVRC2012_val_00000002.JPEG", 1, 0, "goldfish")]}
