@@ -2,15 +2,20 @@
 
 No pretrained CLIP weights exist on the development machines and a random CLIP makes
 every accuracy meaningless, so this trains a small 12-layer CLIP here, contrastively
-(open_clip's ``ClipLoss``, CLIP's BPE tokenizer), on freshly rendered (image, caption)
-pairs from :mod:`datasets.toyworld`. Held-out (shape, colour) pairs are never shown, so
-zero-shot accuracy on them measures generalisation to novel compositions.
+(open_clip's ``ClipLoss``, CLIP's BPE tokenizer), on (image, caption) pairs from
+:mod:`datasets.toyworld`. Held-out (shape, colour) pairs are never shown, so zero-shot
+accuracy on them measures generalisation to novel compositions.
 
-    python -m benchmark.toy_pretrain --out benchmark/weights/toy-clip.pt [--steps N] [--seed S] [--threads T]
+    python -m benchmark.toy_pretrain --out benchmark/weights/toy-clip.pt [--steps N] [--device cuda]
 
-The data stream is drawn in the main process from one numpy generator seeded with the
-seed, and torch is seeded and limited to the given thread count, so a re-run on the same
-machine with the same thread count reproduces the weights bit for bit. The weights are
+Training draws from a pool of pre-rendered scenes, each with several captions
+(``--pool-size``, ``--captions-per-image``). The pool is rendered in chunks whose random
+streams depend only on the seed and the chunk index, so it is the same for any number of
+worker processes; batches are drawn by a seeded torch generator. A re-run with the same
+arguments on the same kind of device reproduces the weights (bit for bit on CPU with the
+same thread count). ``--time-budget`` picks the number of steps from the speed of the
+first steps (the learning rate of the warm-up does not depend on it); the sidecar records
+the chosen count, and ``--steps`` with that count repeats the run. The weights are
 written in fp16 as an OpenAI-format state dict (``load_clip(path)`` reads them back), with
 a sidecar JSON holding the command, settings, versions, timings, final loss and the
 zero-shot report of the saved weights.
@@ -25,6 +30,8 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -43,7 +50,9 @@ from open_clip.transformer import text_global_pool
 from benchmark.backbone import clip_info, load_clip, save_openai_checkpoint
 from datasets import toyworld as tw
 
-__all__ = ["CONFIG_NAME", "encode_text_truncated", "make_batch", "pretrain", "zero_shot_report", "main"]
+__all__ = [
+    "CONFIG_NAME", "Pool", "encode_text_truncated", "load_pool", "render_pool", "save_pool", "pretrain", "zero_shot_report", "main",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -51,16 +60,23 @@ CONFIG_NAME = "toy-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEMPLATE = "a photo of a {}."
+CHUNK = 1024  # scenes per independently seeded pool chunk
+TOKEN_WIDTH = 24  # pool captions are stored cut to this many tokens; the longest needs 17
 
 
 # --------------------------------------------------------------------------- data
 
-def _to_tensor(images: list) -> torch.Tensor:
-    """uint8 PIL images -> CLIP-normalised float batch (N, 3, H, W)."""
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> CLIP-normalised float (N, 3, H, W), on x's device."""
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def _to_tensor(images: list) -> torch.Tensor:
+    """PIL images -> CLIP-normalised float batch (N, 3, H, W)."""
+    return _normalise(torch.from_numpy(np.stack([np.asarray(im) for im in images])))
 
 
 def _pretrain_scene(rng: np.random.Generator) -> tw.Scene:
@@ -70,12 +86,57 @@ def _pretrain_scene(rng: np.random.Generator) -> tw.Scene:
     return tw.sample_scene(rng, held_out_ok=False, styles=(style,))
 
 
-def make_batch(rng: np.random.Generator, batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Normalised images, CLIP tokens (77 wide) and the captions of freshly drawn pre-training scenes."""
-    scenes = [_pretrain_scene(rng) for _ in range(batch_size)]
-    images = [tw.render(s, image_size, rng) for s in scenes]
-    captions = [tw.caption(s, rng) for s in scenes]
-    return _to_tensor(images), open_clip.tokenize(captions).long(), captions
+@dataclasses.dataclass
+class Pool:
+    """Pre-rendered pre-training data: images (N, H, W, 3) uint8, tokens (N, K, TOKEN_WIDTH) int32."""
+
+    images: np.ndarray
+    tokens: np.ndarray
+
+
+def _render_chunk(job: tuple[int, int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, index, count, image_size, n_captions = job
+    rng = np.random.default_rng([seed, index])
+    images = np.empty((count, image_size, image_size, 3), np.uint8)
+    captions = []
+    for i in range(count):
+        scene = _pretrain_scene(rng)
+        images[i] = np.asarray(tw.render(scene, image_size, rng))
+        captions.extend(tw.caption(scene, rng) for _ in range(n_captions))
+    tokens = open_clip.tokenize(captions).numpy()
+    if (tokens[:, TOKEN_WIDTH:] != 0).any():  # pragma: no cover - captions are short by construction
+        raise ValueError(f"a pre-training caption needs more than {TOKEN_WIDTH} tokens")
+    return images, tokens[:, :TOKEN_WIDTH].astype(np.int32).reshape(count, n_captions, TOKEN_WIDTH)
+
+
+def render_pool(size: int, image_size: int, seed: int, *, captions_per_image: int = 8, workers: int = 1) -> Pool:
+    """Renders `size` pre-training scenes with `captions_per_image` captions each.
+
+    Chunk i of CHUNK scenes draws from ``default_rng([seed, i])``: the pool depends only
+    on (size, image_size, seed, captions_per_image), not on `workers`.
+    """
+    jobs = [(seed, i, min(CHUNK, size - lo), image_size, captions_per_image) for i, lo in enumerate(range(0, size, CHUNK))]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs, chunksize=1)
+    else:
+        parts = [_render_chunk(job) for job in jobs]
+    return Pool(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def save_pool(pool: Pool, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Writes the pool and the arguments that made it (``meta``) to an uncompressed .npz file."""
+    np.savez(path, images=pool.images, tokens=pool.tokens, meta=json.dumps(meta, sort_keys=True))
+
+
+def load_pool(path: str | os.PathLike, meta: dict[str, Any]) -> Pool | None:
+    """The pool saved at path if it was made with the same ``meta``, else None."""
+    if not Path(path).is_file():
+        return None
+    with np.load(path) as data:
+        if str(data["meta"]) != json.dumps(meta, sort_keys=True):
+            return None
+        return Pool(data["images"], data["tokens"])
 
 
 def encode_text_truncated(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
@@ -85,7 +146,12 @@ def encode_text_truncated(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     features pooled at it: the result equals the full 77-token pass, at a fraction of the cost.
     """
     length = int((tokens != 0).sum(dim=1).max())
-    tokens = tokens[:, :length]
+    return _encode_text_prefix(model, tokens[:, :length])
+
+
+def _encode_text_prefix(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` of tokens given as their first columns (all end-of-text tokens inside)."""
+    length = tokens.shape[1]
     x = model.token_embedding(tokens) + model.positional_embedding[:length]
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
@@ -95,14 +161,14 @@ def encode_text_truncated(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 
-def _random_model(seed: int) -> CLIP:
-    """The toy architecture with its seeded random init.
+def _random_model(seed: int, config: dict[str, Any] | None = None) -> CLIP:
+    """The toy architecture (or `config`) with its seeded random init.
 
     Built from the config directly: ``load_clip("toy-clip")`` prefers the shipped weights
     once they exist. Same init as ``load_clip`` gives a config name (a private RNG stream
     seeded with seed), so the shipped weights stay reproducible.
     """
-    cfg = copy.deepcopy(open_clip.get_model_config(CONFIG_NAME))
+    cfg = copy.deepcopy(config or open_clip.get_model_config(CONFIG_NAME))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIP(**cfg, cast_dtype=None)
@@ -140,46 +206,91 @@ def pretrain(
     overfit: bool = False,
     probe_every: int = 0,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    pool: Pool | None = None,
+    pool_size: int | None = None,
+    captions_per_image: int = 8,
+    workers: int = 1,
+    device: str | torch.device = "cpu",
+    config: dict[str, Any] | None = None,
+    time_budget_s: float | None = None,
+    save_every: int = 0,
+    on_save: Callable[[CLIP, int], None] | None = None,
 ) -> tuple[CLIP, list[float]]:
     """Trains the toy CLIP from its seeded random init; returns the fp32 model and per-step losses.
 
+    pool: pre-rendered data (default: ``render_pool(pool_size or batch_size * steps)``).
     overfit repeats the first batch at every step (a quick learning check for tests);
     probe_every > 0 logs a small zero-shot shape probe at those steps (its own RNG, so the
-    training stream is unchanged).
+    training stream is unchanged). time_budget_s, when given, replaces `steps` by as many
+    steps as fit in that many seconds at the speed of the first steps (measured before the
+    warm-up ends, so the learning rates up to then do not depend on it); len(losses) is the
+    count chosen. on_save(model, step) is called every save_every steps.
     """
+    device = torch.device(device)
     torch.manual_seed(seed)
-    model = _random_model(seed).train()
+    model = _random_model(seed, config).to(device).train()
     image_size = clip_info(model)["image_size"]
-    rng = np.random.default_rng(seed)
+    if pool is None:
+        pool = render_pool(pool_size or min(200_000, batch_size * steps), image_size, seed,
+                           captions_per_image=captions_per_image, workers=workers)
+    if pool.images.shape[1] != image_size:
+        raise ValueError(f"The pool holds {pool.images.shape[1]} px images; the model takes {image_size} px.")
+    images_all = torch.from_numpy(pool.images).to(device)
+    tokens_all = torch.from_numpy(pool.tokens).to(device).long()
+    generator = torch.Generator().manual_seed(seed)
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
+    calibrate_at = min(max(warmup, 1), 60) if time_budget_s else -1
     start = time.perf_counter()
-    for step in range(steps):
+    step = 0
+    while step < steps:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, warmup, lr)
         if step == 0 or not overfit:
-            images, tokens, _ = make_batch(rng, batch_size, image_size)
+            idx = torch.randint(len(pool.images), (batch_size,), generator=generator)
+            cap = torch.randint(pool.tokens.shape[1], (batch_size,), generator=generator)
+            images = _normalise(images_all[idx.to(device)])
+            tokens = tokens_all[idx.to(device), cap.to(device)]
         image_features = F.normalize(model.encode_image(images), dim=-1)
-        text_features = F.normalize(encode_text_truncated(model, tokens), dim=-1)
+        text_features = F.normalize(_encode_text_prefix(model, tokens), dim=-1)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():  # CLIP's clamp: temperature at most 100
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.detach()))
-        if probe_every and (step + 1) % probe_every == 0:
+        losses.append(loss.detach())
+        step += 1
+        if step == 5 and calibrate_at > 5:
+            _sync(device)
+            calibration_start = time.perf_counter()
+        if step == calibrate_at and calibrate_at > 5:
+            _sync(device)
+            per_step = (time.perf_counter() - calibration_start) / (calibrate_at - 5)
+            steps = max(calibrate_at, int((time_budget_s - (time.perf_counter() - start)) / per_step) + step)
+            _logger.info("%.1f ms per step: %d steps fit in the time budget of %.0f s", per_step * 1e3, steps, time_budget_s)
+        if probe_every and step % probe_every == 0:
             probe = _classify(model, image_size, list(tw.SHAPES), [{"shape": s, "style": "photo"} for s in tw.SHAPES],
-                              10, np.random.default_rng([seed, 7, step]))
-            _logger.info("step %d: zero-shot shape accuracy %.1f%% (probe, 100 images)", step + 1, probe["accuracy"])
-        if on_log and (step % log_every == 0 or step == steps - 1):
+                              10, np.random.default_rng([seed, 7, step - 1]))
+            model.train()
+            _logger.info("step %d: zero-shot shape accuracy %.1f%% (probe, 100 images)", step, probe["accuracy"])
+        if on_save and save_every and step % save_every == 0 and step < steps:
+            on_save(model, step)
+            model.train()
+        if on_log and ((step - 1) % log_every == 0 or step == steps):
+            recent = torch.stack(losses[-log_every:]).float().cpu()
             on_log({
-                "step": step + 1, "steps": steps, "loss": losses[-1],
-                "loss_avg": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
+                "step": step, "steps": steps, "loss": float(recent[-1]),
+                "loss_avg": float(recent.mean()), "lr": opt.param_groups[0]["lr"],
                 "logit_scale": float(model.logit_scale.detach().exp()), "elapsed_s": time.perf_counter() - start,
             })
-    return model.eval(), losses
+    return model.eval(), torch.stack(losses).float().cpu().tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -202,15 +313,17 @@ def _classify(
     classes[i] fixes the scene attributes of class i, whose true label is labels[i];
     labels may be longer than classes (extra distractor labels).
     """
-    tokens = open_clip.tokenize([TEMPLATE.format(label) for label in labels]).long()
+    model = model.eval()
+    device = next(model.parameters()).device
+    tokens = open_clip.tokenize([TEMPLATE.format(label) for label in labels]).long().to(device)
     text = F.normalize(model.encode_text(tokens), dim=-1)
     correct = 0
     targets = [i for i in range(len(classes)) for _ in range(n_per_class)]
     for lo in range(0, len(targets), batch_size):
         chunk = targets[lo:lo + batch_size]
         images = [tw.render(_draw_scene(rng, classes[i], held_out_ok), image_size, rng) for i in chunk]
-        feats = F.normalize(model.encode_image(_to_tensor(images)), dim=-1)
-        pred = (feats @ text.T).argmax(dim=1)
+        feats = F.normalize(model.encode_image(_to_tensor(images).to(device)), dim=-1)
+        pred = (feats @ text.T).argmax(dim=1).cpu()
         correct += int((pred == torch.tensor(chunk)).sum())
     return {
         "accuracy": 100.0 * correct / len(targets),
@@ -298,10 +411,20 @@ def _summary(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.toy_pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="weights file to write (OpenAI format, fp16)")
+    parser.add_argument("--out", required="--render-only" not in (argv if argv is not None else sys.argv), help="weights file to write (OpenAI format, fp16)")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds of training: overrides --steps with the count that fits (recorded in the sidecar)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; bit-for-bit reruns need the same")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--config", default=None, help="an open_clip model config JSON to train instead of toy-clip")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; bit-for-bit reruns on CPU need the same")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering the pool (does not change it)")
+    parser.add_argument("--pool-size", type=int, default=None, help="pre-rendered scenes (default: batch size x steps, at most 200000)")
+    parser.add_argument("--captions-per-image", type=int, default=8)
+    parser.add_argument("--render-only", action="store_true", help="write the pool to --pool-cache and stop")
+    parser.add_argument("--pool-cache", default=None, help="an .npz file: the pool is read from it when it was made "
+                        "with the same seed, size and image size, else rendered and written there")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=80)
@@ -309,10 +432,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-per-class", type=int, default=50, help="images per class in the zero-shot report; 0 skips it")
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--probe-every", type=int, default=200, help="steps between zero-shot shape probes in the log; 0: none")
+    parser.add_argument("--save-every", type=int, default=0, help="also write the weights every N steps (0: only at the end)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    device = torch.device(args.device)
+    if device.type == "cuda":  # reproducible reruns on the same kind of GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    config = json.loads(Path(args.config).read_text()) if args.config else open_clip.get_model_config(CONFIG_NAME)
+    image_size = config["vision_cfg"]["image_size"]
+    if args.render_only and not args.pool_cache:
+        parser.error("--render-only needs --pool-cache")
+    out = Path(args.out or ".")
+    if args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
 
     def log(entry: dict[str, Any]) -> None:
         _logger.info(
@@ -320,25 +454,53 @@ def main(argv: list[str] | None = None) -> int:
             entry["loss_avg"], entry["lr"], entry["logit_scale"], entry["elapsed_s"],
         )
 
+    def save(model: CLIP, step: int) -> None:
+        save_openai_checkpoint(copy.deepcopy(model).cpu().half(), out)
+        _logger.info("step %d: wrote %s", step, out)
+
     start = time.perf_counter()
+    pool_size = args.pool_size or min(200_000, args.batch_size * args.steps)
+    meta = {"seed": args.seed, "size": pool_size, "image_size": image_size, "captions_per_image": args.captions_per_image}
+    pool = load_pool(args.pool_cache, meta) if args.pool_cache else None
+    if pool is None:
+        pool = render_pool(pool_size, image_size, args.seed, captions_per_image=args.captions_per_image,
+                           workers=args.workers)
+        if args.pool_cache:
+            save_pool(pool, args.pool_cache, meta)
+    if args.render_only:
+        _logger.info("pool of %d scenes in %s (%.0f s)", pool_size, args.pool_cache, time.perf_counter() - start)
+        return 0
+    pool_s = time.perf_counter() - start
+    _logger.info("rendered a pool of %d scenes in %.0f s", pool_size, pool_s)
     model, losses = pretrain(
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup=args.warmup, log_every=args.log_every, probe_every=args.probe_every, on_log=log,
+        warmup=args.warmup, log_every=args.log_every, probe_every=args.probe_every, on_log=log, pool=pool,
+        device=device, config=config, time_budget_s=args.time_budget, save_every=args.save_every, on_save=save,
     )
-    train_s = time.perf_counter() - start
-    half = copy.deepcopy(model).half()
+    train_s = time.perf_counter() - start - pool_s
+    half = copy.deepcopy(model).cpu().half()
     save_openai_checkpoint(half, out)
-    loaded = load_clip(str(out), "cpu")  # report on exactly what was shipped
+    loaded = load_clip(str(out), device)  # report on exactly what was shipped
     n_params = sum(p.numel() for p in loaded.parameters())
     report = None
     if args.eval_per_class > 0:
         report = zero_shot_report(loaded, clip_info(loaded)["image_size"], args.eval_per_class, seed=args.seed + 1000)
         _logger.info("zero-shot report:\n%s", _summary(report))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "time_budget")}
+    settings["steps"] = len(losses)
+    settings["pool_size"] = pool_size
+    reproduce = [f"--out {out.name}"] + [
+        f"--{k.replace('_', '-')} {v}" for k, v in settings.items()
+        if v is not None and k not in ("eval_per_class", "log_every", "probe_every", "save_every", "workers", "pool_cache",
+                                       "render_only")
+    ]
     sidecar = {
-        "command": "python -m benchmark.toy_pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": CONFIG_NAME,
-        "config_json": open_clip.get_model_config(CONFIG_NAME),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "reproduce": "python -m benchmark.toy_pretrain " + " ".join(reproduce),
+        "config": Path(args.config).stem if args.config else CONFIG_NAME,
+        "config_json": config,
+        "settings": settings,
+        "time_budget_s": args.time_budget,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
         "weights_file": out.name,
         "weights_sha256": _sha256(out),
         "weights_bytes": out.stat().st_size,
@@ -348,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_pairs": sorted(tw.HELD_OUT),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "numpy": np.__version__},
+        "pool_wall_s": pool_s,
         "train_wall_s": train_s,
         "total_wall_s": time.perf_counter() - start,
         "final_loss": float(np.mean(losses[-20:])),
