@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "fakes and a random tiny CLIP: a smoke test whose numbers mean nothing)")
     run.add_argument("--clip", default=None,
                      help="CLIP weights: an OpenAI-format file, an OpenAI name (ViT-B/16) found in "
-                          "the local cache, or an open_clip name:tag (default: ViT-B/16 with --root, "
-                          "else a tiny random CLIP)")
+                          "the local cache, or an open_clip name:tag (default: ViT-B/16 for real data; the "
+                          "world's own CLIP for the toy world or synthetic data, also under --root)")
     run.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--config-file", default=None, help="a YAML of config keys (OPTIM.LR, ...) merged after the method's")
@@ -162,8 +162,9 @@ def prepare_world(world: str, output: Path) -> Path:
         weights = WEIGHTS_DIR / f"{WORLD_BACKBONES['toy']}.pt"
         if not weights.is_file():
             raise FileNotFoundError(
-                f"The toy world needs its pre-trained CLIP at {weights}, which is not there. Train it "
-                f"with `python -m benchmark.toy_pretrain --out {weights}` (about 20 minutes on 2 cores), "
+                f"The toy world needs its pre-trained CLIP at {weights}, which is not there (it ships with "
+                f"the repository: restore it with `git checkout -- benchmark/weights`). To train it again, "
+                f"run the `reproduce` command of benchmark/weights/toy-clip.json (5 minutes on one GPU), "
                 f"or use --world synthetic.")
 
         root = output / "toy_data"
@@ -201,21 +202,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.shots < 1:
         raise ValueError(f"--shots must be at least 1, got {args.shots}.")
     opts = list(args.opts)
-    built_in = args.root is None
-    if built_in:
-        root = prepare_world(args.world, Path(args.output))
+    if args.root is None:
+        world = args.world
+        root = prepare_world(world, Path(args.output))
+    else:
+        from datasets.toy import world_of
+
+        root = Path(args.root)
+        world = world_of(root)  # a toy or synthetic root written earlier runs with its own CLIP
+    if world != "real":
         if "DATALOADER.NUM_WORKERS" not in opts[::2]:
             opts = ["DATALOADER.NUM_WORKERS", "0"] + opts  # tiny images: workers cost more than they save
-        console.print(TOY_NOTE if args.world == "toy" else SYNTHETIC_NOTE)
-    else:
-        root = Path(args.root)
+        console.print(TOY_NOTE if world == "toy" else SYNTHETIC_NOTE)
+    if args.root is not None:
         problems = {name: check_dataset(name, root) for name in datasets}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
             messages = [str(dataset_error(name, root, p)) for name, p in problems.items()]
             raise DatasetError("\n\n".join(messages) + f"\n\n{len(problems)} of {len(datasets)} datasets "
                                "are not ready. Fix them, or leave them out with --datasets.")
-    backbone = args.clip or (WORLD_BACKBONES[args.world] if built_in else B.DEFAULT_BACKBONE)
+    backbone = args.clip or WORLD_BACKBONES.get(world, B.DEFAULT_BACKBONE)
     backbone_id = B.backbone_fingerprint(backbone)
     specs = protocols.expand(args.protocol, methods=args.methods, datasets=datasets, seeds=args.seeds,
                              shots=args.shots, root=str(root), backbone=backbone,

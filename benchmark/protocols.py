@@ -98,7 +98,7 @@ def run_identity(spec: RunSpec) -> str:
 
 
 def method_yaml(method: str, variants: Sequence[str]) -> dict:
-    """The method's official YAML with the variants (dataset or protocol names) that apply."""
+    """The method's official YAML with the variants (protocol, dataset or world names) that apply, in order."""
     info = get_method(method)
     if info.config_file is None:
         return {}
@@ -122,11 +122,18 @@ def _deep_update(base: dict, extra: dict) -> None:
 def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots: int,
                    subsample: str, root: str, backbone: str, user_yaml: str | None = None,
                    opts: Sequence[str] = ()) -> CN:
-    """defaults < method YAML (+ variant) < user YAML < protocol keys < KEY VALUE opts."""
+    """defaults < method YAML (+ variants) < user YAML < protocol keys < KEY VALUE opts.
+
+    Variants: the protocol's, then the dataset's, then the world's (``toy`` for a toy-world
+    root, which wins: it only shortens schedules that a CPU cannot afford).
+    """
+    from datasets.toy import world_of
+
     info = get_method(method)
     cfg = C.get_cfg_default()
     add_method_defaults(cfg)
-    C.merge_dict(cfg, method_yaml(method, [protocol, dataset]), f"methods/configs/{method}.yaml")
+    variants = [protocol, dataset] + (["toy"] if world_of(root) == "toy" else [])
+    C.merge_dict(cfg, method_yaml(method, variants), f"methods/configs/{method}.yaml")
     if user_yaml:
         C.merge_dict(cfg, C.read_yaml(user_yaml), str(user_yaml))
     cfg.SEED = seed

@@ -173,3 +173,17 @@ def test_zero_shot_report_covers_every_task_with_its_chance_level(tiny_clip):
         assert 0.0 <= report[task]["accuracy"] <= 100.0
     assert report["composition_novel"]["n_images"] == n_novel
     assert set(report["shape_by_style"]) == set(tw.STYLES)
+
+
+def test_a_time_budget_picks_a_step_count_that_a_rerun_with_that_count_repeats():
+    from benchmark.toy_pretrain import render_pool, pretrain
+
+    pool = render_pool(24, 48, seed=3, captions_per_image=2)
+    assert pool.images.shape == (24, 48, 48, 3) and pool.tokens.shape[:2] == (24, 2)
+    # the budget is spent before the speed is known: the count is the calibration's minimum
+    a, losses_a = pretrain(steps=10_000, seed=3, batch_size=4, warmup=8, pool=pool, time_budget_s=1e-3)
+    assert len(losses_a) == 8
+    b, losses_b = pretrain(steps=len(losses_a), seed=3, batch_size=4, warmup=8, pool=pool)
+    assert losses_a == losses_b
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
