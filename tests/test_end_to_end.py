@@ -25,16 +25,16 @@ def _run(*args, cwd=REPO):
 @pytest.mark.slow
 def test_base2novel_every_method(tmp_path, synthetic_root):
     out = tmp_path / "out"
-    args = ["--methods", "mma,zsclip,coop", "--protocol", "base2novel", "--datasets", "oxford_pets,eurosat",
+    args = ["--methods", "mma,zsclip,coop,cocoop", "--protocol", "base2novel", "--datasets", "oxford_pets,eurosat",
             "--seeds", "1,2", "--output", str(out), "--root", str(synthetic_root), "--clip", "tiny-clip-12",
             "--opts", "OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0"]
     first = _run(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    # 3 methods x 2 datasets x 2 seeds = 12 runs
-    assert "12 done, 0 already finished, 0 failed" in first.stdout
+    # 4 methods x 2 datasets x 2 seeds = 16 runs
+    assert "16 done, 0 already finished, 0 failed" in first.stdout
 
     records = list(store.iter_records(out))
-    assert len(records) == 12 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 16 and all(r["status"] == "ok" for r in records)
     mma = next(r for r in records if r["method"] == "mma" and r["dataset"] == "eurosat" and r["seed"] == 1)
     assert set(mma["metrics"]) == {"base", "novel"}
     assert mma["train"]["steps"] > 0 and mma["compute"]["trainable_params"] > 0
@@ -67,7 +67,7 @@ def test_base2novel_every_method(tmp_path, synthetic_root):
     # a second invocation repeats nothing and rebuilds the same table
     second = _run(*args)
     assert second.returncode == 0, second.stderr
-    assert "0 done, 12 already finished" in second.stdout
+    assert "0 done, 16 already finished" in second.stdout
     assert pd.read_csv(out / "tables" / "base2novel-synthetic.csv").equals(csv)
 
     table = _run("table", "--output", str(out), "--format", "csv")

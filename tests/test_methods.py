@@ -21,19 +21,19 @@ def test_method_trains_exactly_its_declared_parameters(name, tiny_clip):
     torch.manual_seed(0)
     model = benchmark.build(name, NAMES, clip=tiny_clip)
     model.train()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(8, 3, 32, 32)  # enough images that small ReLU layers (CoCoOp's meta-net) get gradients
     logits = model(images)
-    assert logits.shape == (2, len(NAMES)) and torch.isfinite(logits).all()
+    assert logits.shape == (8, len(NAMES)) and torch.isfinite(logits).all()
     declared = {n for n, p in model.named_parameters() if any(n.startswith(t) for t in model.trainable)}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == declared
     if declared:
-        model.loss(logits, torch.tensor([0, 2])).backward()
+        model.loss(logits, torch.tensor([0, 2, 1, 0, 2, 1, 0, 1])).backward()
         got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
         assert got == declared
     model.eval()
     model.set_classnames(["fox", "wolf"])
     with torch.no_grad():
-        assert model(images).shape == (2, 2)
+        assert model(images).shape == (8, 2)
 
 
 def _clip_logits(clip, images, texts):
@@ -108,3 +108,67 @@ def test_official_checkpoint_with_scheduler_objects_loads_safely(tiny_clip, tmp_
     torch.save({"state_dict": {"ctx": ctx}, "extra": Payload()}, tmp_path / "evil.pth.tar")
     with pytest.raises(ValueError, match="posix.system|refusing"):
         benchmark.load_official_checkpoint(model, tmp_path / "evil.pth.tar")
+
+
+def _official_cocoop_logits(model, clip, images):
+    """CoCoOp as the official trainer computes it: one text-encoder pass per image."""
+    learner = model.prompt_learner
+    image = F.normalize(clip.encode_image(images), dim=-1)
+    tokens = learner.tokenized_prompts
+    n_ctx = learner.n_ctx
+    rows = []
+    for feature in image:
+        ctx = learner.ctx + learner.meta_net(feature.unsqueeze(0))  # (M, width)
+        x = clip.token_embedding(tokens)
+        x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), x[:, 1 + n_ctx:]], dim=1)
+        x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(dim=-1)] @ clip.text_projection
+        rows.append(clip.logit_scale.exp() * feature @ F.normalize(x, dim=-1).t())
+    return torch.stack(rows)
+
+
+def test_cocoop_meta_net_and_per_image_prompts(tiny_clip):
+    torch.manual_seed(0)
+    model = benchmark.build("cocoop", NAMES, clip=tiny_clip, N_CTX=4, CTX_INIT="a photo of a")
+    learner = model.prompt_learner
+    d, width = tiny_clip.visual.output_dim, tiny_clip.ln_final.weight.shape[0]
+    assert learner.ctx.shape == (4, width)
+    assert learner.meta_net.linear1.weight.shape == (d // 16, d) and learner.meta_net.linear2.weight.shape == (width, d // 16)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        # a silent meta-net leaves CoOp's initial prompt: the written sentence
+        learner.meta_net.linear2.weight.zero_()
+        learner.meta_net.linear2.bias.zero_()
+        expected = _clip_logits(tiny_clip, images, [f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        # a live meta-net: each image's own prompts, as the official per-image loop
+        learner.meta_net.linear2.weight.normal_(0, 0.5)
+        learner.meta_net.linear2.bias.normal_(0, 0.5)
+        batched = model(images)
+        official = _official_cocoop_logits(model, tiny_clip, images)
+    assert torch.allclose(batched, official, atol=1e-4)
+    assert not torch.allclose(batched, expected, atol=1e-2)  # the shift changes the logits
+    # gradients of the batched pass equal the loop's
+    labels = torch.tensor([0, 2, 1])
+    F.cross_entropy(model(images), labels).backward()
+    grads = [p.grad.clone() for p in learner.parameters() if p.requires_grad]
+    model.zero_grad()
+    F.cross_entropy(_official_cocoop_logits(model, tiny_clip, images), labels).backward()
+    for got, want in zip(grads, [p.grad for p in learner.parameters() if p.requires_grad]):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_cocoop_official_checkpoint_round_trip(tiny_clip, tmp_path):
+    torch.manual_seed(1)
+    trained = benchmark.build("cocoop", NAMES, clip=tiny_clip, N_CTX=4, CTX_INIT="a photo of a")
+    path = benchmark.save_official_checkpoint(trained, tmp_path / "prompt_learner" / "model.pth.tar-10", 10)
+    keys = set(torch.load(path, weights_only=True)["state_dict"])
+    assert keys == {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                    "meta_net.linear2.bias", "token_prefix", "token_suffix"}
+    torch.manual_seed(2)
+    fresh = benchmark.build("cocoop", ["x", "y"], clip=copy.deepcopy(tiny_clip), N_CTX=4, CTX_INIT="a photo of a")
+    benchmark.load_official_checkpoint(fresh, path)
+    fresh.set_classnames(NAMES)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), trained(images))

@@ -68,3 +68,9 @@ def test_zero_shot_transfers_to_unseen_labels_and_trained_methods_beat_it(toy_ro
     zs = records[("zsclip", "fgvc_aircraft")]
     assert coop["metrics"]["base"]["accuracy"] >= zs["metrics"]["base"]["accuracy"] + 5, (coop["metrics"], zs["metrics"])
     assert coop["train"]["epoch_losses"][-1] < coop["train"]["epoch_losses"][0]
+
+    # CoCoOp (official settings: batch 1, 10 epochs) on the same slot
+    cocoop = _records(toy_root, tmp_path / "cocoop", "cocoop", "fgvc_aircraft")[("cocoop", "fgvc_aircraft")]
+    assert cocoop["metrics"]["base"]["accuracy"] >= zs["metrics"]["base"]["accuracy"] + 4, (cocoop["metrics"], zs["metrics"])
+    assert cocoop["train"]["epoch_losses"][-1] < cocoop["train"]["epoch_losses"][0]
+

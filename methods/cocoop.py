@@ -1,0 +1,94 @@
+"""CoCoOp: CoOp's learned context shifted by a meta-net of each image's features.
+
+"Conditional Prompt Learning for Vision-Language Models" (CVPR 2022, arXiv 2203.05557).
+Reproduces the official trainer (``trainers/cocoop.py`` of the CoOp code base):
+
+* the context ``ctx`` (M x width; from "a photo of a" or N(0, 0.02^2)) is shared by the
+  classes; the meta-net ``linear1 (d -> d // 16) -> ReLU -> linear2 (-> width)`` maps the
+  image's *normalised* image feature to one bias added to every context vector, so each
+  image has its own prompts ``[SOS] ctx + pi(x) [name of c] . [EOS]``;
+* logits of image i: CLIP's logit scale times its feature against the text features of
+  its own prompts;
+* the meta-net has torch's default Linear initialisation and, with ``PREC fp16``, is
+  half precision like CLIP and the context (the official default);
+* trained: the context and the meta-net (``prompt_learner``).
+
+The official code runs the text encoder once per image in a Python loop. Here the
+images' prompts go through it as one batch (in chunks of at most ``MAX_PROMPTS_PER_PASS``
+sequences): every sequence is encoded independently, so the result is the loop's.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from benchmark.backbone import tokenize
+from methods.coop import PromptLearner as CoOpPromptLearner
+from methods.registry import Method, encode_text_embeddings, register_method
+
+MAX_PROMPTS_PER_PASS = 4096
+
+
+class PromptLearner(CoOpPromptLearner):
+    def __init__(self, clip: nn.Module, classnames: Sequence[str], opts):
+        super().__init__(clip, classnames, opts)
+        vis_dim = clip.visual.output_dim
+        width = clip.ln_final.weight.shape[0]
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(vis_dim, vis_dim // 16)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(vis_dim // 16, width)),
+        ]))
+        if self.ctx.dtype == torch.float16:  # PREC fp16 on a GPU: CLIP and the context are half too
+            self.meta_net.half()
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, n_cls, L, width)
+        bias = self.meta_net(image_features).unsqueeze(1)  # (B, 1, width)
+        ctx = self.ctx.unsqueeze(0) + bias  # (B, M, width)
+        n_cls, batch = self.token_prefix.shape[0], ctx.shape[0]
+        prefix = self.token_prefix.unsqueeze(0).expand(batch, -1, -1, -1)
+        suffix = self.token_suffix.unsqueeze(0).expand(batch, -1, -1, -1)
+        ctx = ctx.unsqueeze(1).expand(-1, n_cls, -1, -1)
+        return torch.cat([prefix, ctx, suffix], dim=2)
+
+
+@register_method(
+    "cocoop", node="COCOOP",
+    defaults=dict(N_CTX=16, CTX_INIT="", PREC="fp16"),
+    paper="Conditional Prompt Learning for Vision-Language Models (CVPR 2022)", paper_name="CoCoOp",
+    code="the CoOp code base, trainers/cocoop.py")
+class CoCoOp(Method):
+    trainable = ("prompt_learner.",)
+    official_module = "prompt_learner"
+    official_ignore = ("token_prefix", "token_suffix")
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__(clip, classnames, cfg)
+        opts = self.options.clone()
+        opts.defrost()
+        opts.CSC, opts.CLASS_TOKEN_POSITION = False, "end"  # CoCoOp has neither option
+        self.prompt_learner = PromptLearner(clip, classnames, opts)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.classnames = list(classnames)
+        self.prompt_learner.embed_classnames(self.clip, classnames)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image = self.clip.encode_image(images.to(self.dtype))
+        image = image / image.norm(dim=-1, keepdim=True)
+        learner = self.prompt_learner
+        prompts = learner(image)  # (B, n_cls, L, width)
+        batch, n_cls = prompts.shape[:2]
+        tokens = learner.tokenized_prompts
+        per_pass = max(1, MAX_PROMPTS_PER_PASS // n_cls)  # images per text-encoder pass
+        text = torch.cat([
+            encode_text_embeddings(self.clip, chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1))
+            .view(chunk.shape[0], n_cls, -1)
+            for chunk in prompts.split(per_pass)
+        ])
+        text = text / text.norm(dim=-1, keepdim=True)
+        return self.clip.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text)
