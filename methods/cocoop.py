@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from benchmark.backbone import tokenize
+from methods.coop import CoOp
 from methods.coop import PromptLearner as CoOpPromptLearner
 from methods.registry import Method, encode_text_embeddings, register_method
 
@@ -61,21 +61,15 @@ class PromptLearner(CoOpPromptLearner):
     defaults=dict(N_CTX=16, CTX_INIT="", PREC="fp16"),
     paper="Conditional Prompt Learning for Vision-Language Models (CVPR 2022)", paper_name="CoCoOp",
     code="the CoOp code base, trainers/cocoop.py")
-class CoCoOp(Method):
-    trainable = ("prompt_learner.",)
-    official_module = "prompt_learner"
-    official_ignore = ("token_prefix", "token_suffix")
+class CoCoOp(CoOp):
+    """Same learned module, official names and class-name handling as CoOp; its own prompts and forward."""
 
     def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+        Method.__init__(self, clip, classnames, cfg)
         opts = self.options.clone()
         opts.defrost()
         opts.CSC, opts.CLASS_TOKEN_POSITION = False, "end"  # CoCoOp has neither option
         self.prompt_learner = PromptLearner(clip, classnames, opts)
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.classnames = list(classnames)
-        self.prompt_learner.embed_classnames(self.clip, classnames)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image = self.clip.encode_image(images.to(self.dtype))
