@@ -26,6 +26,8 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         if rec.get("status") != "ok":
             continue
         for split, m in rec.get("metrics", {}).items():
+            if m.get("accuracy") is None:  # not applicable (e.g. a linear probe on novel classes)
+                continue
             rows.append({"world": rec.get("world", "real"), "method": rec["method"],
                          "protocol": rec["protocol"], "dataset": rec["dataset"],
                          "shots": rec["shots"], "seed": rec["seed"], "backbone": rec.get("backbone"),

@@ -36,7 +36,7 @@ from benchmark.protocols import RunSpec, config_node
 from benchmark.transforms import build_test_transform, build_train_transform
 from datasets.base import Datum, build_dataset
 from datasets.toy import world_of
-from methods.registry import Method, build_method, get_method
+from methods.registry import ClassesNotSupported, Method, build_method, get_method
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,31 @@ class TrainResult:
     learning_rates: list[float]
     steps: int
     seconds: float
+    fit: dict | None = None  # what a method's own ``fit`` reports (chosen hyper-parameters, ...)
+
+
+@dataclass
+class FitContext:
+    """What a method with its own ``fit`` (training-free, closed-form or its own loop) gets:
+    the few-shot train and validation lists, the resolved config, device and precision,
+    and loaders built exactly as the trainer builds them."""
+
+    train: list[Datum]
+    val: list[Datum]
+    cfg: object
+    device: torch.device
+    precision: str
+
+    def train_loader(self, data: Sequence[Datum] | None = None) -> DataLoader:
+        """Shuffled, augmented (the config's train transforms), ``TRAIN_X.BATCH_SIZE``."""
+        return train_loader(self.train if data is None else data, self.cfg, self.device)
+
+    def test_loader(self, data: Sequence[Datum]) -> DataLoader:
+        """In order, test transform, ``TEST.BATCH_SIZE``."""
+        return test_loader(data, self.cfg, self.device)
+
+    def autocast(self, training: bool = False):
+        return _autocast(self.device, self.precision, training)
 
 
 def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
@@ -253,6 +278,8 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
                 on_step(epoch, batch, last_finite)
         epoch_losses.append(total / max(count, 1))
         log.info("epoch %d/%d lr %.4e loss %.4f", epoch + 1, len(lrs), lr, epoch_losses[-1])
+        model.on_epoch_end(epoch, len(lrs))
+    model.on_train_end()
     return TrainResult(epoch_losses, lrs, steps, time.perf_counter() - start)
 
 
@@ -362,8 +389,8 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
 
     if model.fit is not None:
         fit_start = time.perf_counter()
-        model.fit(train_loader(train_set.train, cfg, device), device)
-        result = TrainResult([], [], 0, time.perf_counter() - fit_start)
+        report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision))
+        result = TrainResult([], [], 0, time.perf_counter() - fit_start, fit=report or None)
     else:
         result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
 
@@ -376,7 +403,12 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                                   seed=spec.seed, subsample=ev.subsample)
             data, names = other.test, other.classnames
         if names != model.classnames:
-            model.set_classnames(names)
+            try:
+                model.set_classnames(names)
+            except ClassesNotSupported as exc:  # e.g. a linear probe on classes it never saw
+                metrics[ev.name] = {"status": "not_applicable", "reason": str(exc), "n_classes": len(names)}
+                log.info("%s %s: not applicable (%s)", spec.label, ev.name, exc)
+                continue
         metrics[ev.name] = evaluate(model, data, cfg, device, precision)
         metrics[ev.name]["n_classes"] = len(names)
         log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
@@ -404,6 +436,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
             "steps": result.steps,
             "epoch_losses": result.epoch_losses,
             "learning_rates": result.learning_rates,
+            "fit": result.fit,
         },
         "compute": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

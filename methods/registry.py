@@ -34,6 +34,12 @@ class MethodError(ValueError):
     """An unknown method name or a method that cannot be built as asked."""
 
 
+class ClassesNotSupported(MethodError):
+    """Raised by ``set_classnames`` when a method cannot classify the given classes at all
+    (a linear probe has weights only for the classes it was trained on).  The trainer
+    records that evaluation as not applicable; tables show it as missing."""
+
+
 @dataclass
 class MethodInfo:
     name: str  # registry key, e.g. "mma"
@@ -165,7 +171,8 @@ class Method(nn.Module):
 
     The trainer owns the loop, optimiser, schedule, precision and evaluation.  A method
     says which parameters train (``trainable``: name prefixes) and may override
-    ``loss``, ``set_classnames`` and ``fit`` (training-free or closed-form methods).
+    ``loss``, ``set_classnames``, the epoch hooks and ``fit`` (training-free or
+    closed-form methods, or methods with an official loop of their own).
     """
 
     trainable: tuple[str, ...] = ()
@@ -202,7 +209,16 @@ class Method(nn.Module):
         """Rebuild whatever depends on the class names (novel classes, other datasets)."""
         raise NotImplementedError(f"{type(self).__name__} cannot change its class names")
 
-    fit = None  # training-free methods define fit(self, loader, device)
+    # Methods that do not train by the trainer's loop (training-free, closed-form, or an
+    # official loop of their own) define ``fit(self, ctx: trainer.FitContext) -> dict | None``;
+    # the dict (chosen hyper-parameters and the split that chose them, ...) goes into the record.
+    fit = None
+
+    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+        """Called by the trainer after each epoch's last step (``epoch`` counts from 0)."""
+
+    def on_train_end(self) -> None:
+        """Called by the trainer after the last epoch, before evaluation."""
 
     # -- parameters ----------------------------------------------------------------
     def freeze(self) -> None:
