@@ -67,11 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", type=_csv, default=["mma", "zsclip"],
                      help="comma-separated registry names (default: mma,zsclip); see `run.py list`")
     run.add_argument("--protocol", default="base2novel",
-                     help="base2novel (default) or all (every protocol implemented so far)")
+                     help="base2novel (default), cross_dataset, domain_generalization, few_shot, all, or a "
+                          "comma-separated list; e.g. --protocol cross_dataset,domain_generalization (one "
+                          "ImageNet training per method and seed serves both)")
     run.add_argument("--datasets", type=_csv, default=None,
-                     help="comma-separated dataset names (default: the 11 of the protocol)")
+                     help="comma-separated dataset names (default: each protocol's own: the 11 for "
+                          "base2novel and few_shot, the 10 targets for cross_dataset, the 4 ImageNet "
+                          "variants for domain_generalization); e.g. --datasets eurosat,dtd")
     run.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
-    run.add_argument("--shots", type=int, default=16, help="shots per class (default: 16)")
+    run.add_argument("--shots", type=_ints, default=None,
+                     help="comma-separated shots per class (default: 16; few_shot: 1,2,4,8,16)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the runs the sweep would do, which are already done, and an estimate of the work")
+    run.add_argument("--save-checkpoints", action="store_true",
+                     help="save every run's learned weights under OUTPUT/checkpoints (the ImageNet training of "
+                          "cross_dataset/domain_generalization always saves its own)")
     run.add_argument("--root", default=None,
                      help="folder holding the datasets in the CoOp layout (default: the toy world)")
     run.add_argument("--world", choices=("toy", "synthetic"), default=default_world(),
@@ -94,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = sub.add_parser("table", help="rebuild the tables from the records, running nothing")
     table.add_argument("--output", default=DEFAULT_OUTPUT, help="results folder holding records/")
-    table.add_argument("--protocol", default="base2novel")
-    table.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    table.add_argument("--protocol", default="all",
+                       help="base2novel, cross_dataset, domain_generalization, few_shot or all (default)")
+    table.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown",
+                       help="what to print (markdown and CSV files are always written under OUTPUT/tables)")
+    table.add_argument("--compute", action="store_true",
+                       help="also show trainable parameters, peak memory, wall time and device per run group")
 
     sub.add_parser("list", help="list methods, datasets and protocols")
     return parser
@@ -123,31 +137,50 @@ def print_table(table, title: str) -> None:
     console.print(NOTE, style="dim")
 
 
+PROTOCOL_TITLES = {"base2novel": "Base-to-novel", "cross_dataset": "Cross-dataset",
+                   "domain_generalization": "Domain generalisation", "few_shot": "Few-shot"}
 WORLD_TITLES = {"real": "", "toy": " (toy world)",
                 "synthetic": " (synthetic data, tiny random CLIP: meaningless)"}
 
 
-def build_tables(output: str | Path, protocol: str = "base2novel", run_ids: set[str] | None = None):
-    """Write the tables of every record under output, one set per world (real data, toy
-    world, synthetic fakes: never mixed, and only real data is compared with published
-    numbers).  Returns {world: table} restricted to ``run_ids`` (all records when None)
-    and the paths written."""
+def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
+                 run_ids: set[str] | None = None):
+    """Write the tables (and few-shot plots) of every record under output, per protocol and
+    world (real data, toy world, synthetic fakes: never mixed, and only real data is
+    compared with published numbers).  Returns {(protocol, world): table} restricted to
+    ``run_ids`` (all records when None) and the paths written."""
     from benchmark import store, tables
 
     records = list(store.iter_records(output))
-    paper = tables.load_paper("base2novel")
     frame = tables.records_frame(records)
     chosen = frame if run_ids is None else tables.records_frame(r for r in records if r.get("id") in run_ids)
     shown, paths = {}, []
-    for world in frame["world"].unique():
-        pub = paper if world == "real" else None
-        table = tables.base2novel_table(frame[frame["world"] == world], paper=pub)
-        name = "base2novel" if world == "real" else f"base2novel-{world}"
-        written = tables.write_tables(table, Path(output) / "tables", name)
-        paths += [written["markdown"], written["csv"]]
-        part = chosen[chosen["world"] == world]
-        if not part.empty:
-            shown[world] = table if run_ids is None else tables.base2novel_table(part, paper=pub)
+    for protocol in protocols:
+        paper = tables.load_paper(protocol)
+        for world in frame["world"].unique():
+            pub = paper if world == "real" else None
+            name = protocol if world == "real" else f"{protocol}-{world}"
+
+            def make(part):
+                if protocol == "base2novel":
+                    return tables.base2novel_table(part, paper=pub)
+                return tables.accuracy_table(part, protocol, paper=pub)
+
+            table = make(frame[frame["world"] == world])
+            if table.empty:
+                continue
+            if protocol == "base2novel":
+                written = tables.write_tables(table, Path(output) / "tables", name)
+            else:
+                written = tables.write_accuracy_tables(table, Path(output) / "tables", name, protocol)
+            paths += [written["markdown"], written["csv"]]
+            if protocol == "few_shot":
+                paths += tables.few_shot_plots(table, Path(output) / "plots", name)
+            part = chosen[chosen["world"] == world]
+            if not part.empty:
+                mine = table if run_ids is None else make(part)
+                if not mine.empty:
+                    shown[(protocol, world)] = mine
     return shown, paths
 
 
@@ -186,21 +219,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark import backbone as B
     from benchmark import protocols
     from benchmark.sweep import run_sweep
-    from datasets.catalog import BASE2NOVEL_DATASETS, check_dataset, dataset_error, get_spec
+    from datasets.catalog import check_dataset, dataset_error, get_spec
     from methods.registry import get_method, load_plugins
 
     _setup_logging(args.verbose)
     load_plugins(args.plugin)
     for method in args.methods:
         get_method(method)
-    datasets = args.datasets or list(BASE2NOVEL_DATASETS)
-    for name in datasets:
+    for name in args.datasets or []:
         get_spec(name)
-    if args.protocol not in protocols.PROTOCOLS + ("all",):
-        raise protocols.ProtocolError(f"Unknown protocol '{args.protocol}'. "
-                                      f"Available: {', '.join(protocols.PROTOCOLS)}, all.")
-    if args.shots < 1:
-        raise ValueError(f"--shots must be at least 1, got {args.shots}.")
+    chosen = protocols.parse_protocols(args.protocol)
+    if args.shots is not None and (not args.shots or min(args.shots) < 1):
+        raise ValueError(f"--shots must be positive integers such as 1,2,4; got {args.shots}.")
     opts = list(args.opts)
     if args.root is None:
         world = args.world
@@ -214,6 +244,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "DATALOADER.NUM_WORKERS" not in opts[::2]:
             opts = ["DATALOADER.NUM_WORKERS", "0"] + opts  # tiny images: workers cost more than they save
         console.print(TOY_NOTE if world == "toy" else SYNTHETIC_NOTE)
+    backbone = args.clip or WORLD_BACKBONES.get(world, B.DEFAULT_BACKBONE)
+    backbone_id = B.backbone_fingerprint(backbone)
+    specs = protocols.expand(args.protocol, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
+                             shots=args.shots, root=str(root), backbone=backbone,
+                             backbone_id=backbone_id, user_yaml=args.config_file, opts=opts)
+    datasets = sorted({s.dataset for s in specs} | {e.dataset for s in specs for e in s.evals})
     if args.root is not None:
         problems = {name: check_dataset(name, root) for name in datasets}
         problems = {k: v for k, v in problems.items() if v}
@@ -221,11 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             messages = [str(dataset_error(name, root, p)) for name, p in problems.items()]
             raise DatasetError("\n\n".join(messages) + f"\n\n{len(problems)} of {len(datasets)} datasets "
                                "are not ready. Fix them, or leave them out with --datasets.")
-    backbone = args.clip or WORLD_BACKBONES.get(world, B.DEFAULT_BACKBONE)
-    backbone_id = B.backbone_fingerprint(backbone)
-    specs = protocols.expand(args.protocol, methods=args.methods, datasets=datasets, seeds=args.seeds,
-                             shots=args.shots, root=str(root), backbone=backbone,
-                             backbone_id=backbone_id, user_yaml=args.config_file, opts=opts)
+    if args.dry_run:
+        return dry_run(specs, args.output)
 
     def progress(event: str, spec, index: int, total: int) -> None:
         if event == "start":
@@ -233,29 +266,137 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif event == "failed":
             console.print(f"  [red]failed[/]: {spec.label}")
 
-    summary = run_sweep(specs, args.output, device=args.device, force=args.force, progress=progress)
+    summary = run_sweep(specs, args.output, device=args.device, force=args.force,
+                        save_checkpoints=args.save_checkpoints, progress=progress)
     console.print(f"Runs: {len(summary.done)} done, {len(summary.skipped)} already finished, "
-                  f"{len(summary.failed)} failed, in {summary.seconds:.1f} s")
+                  f"{len(summary.failed)} failed, in {summary.seconds:.1f} s", soft_wrap=True)
     for label, error in summary.failed:
         console.print(f"  [red]{label}[/]: {error}")
-    shown, paths = build_tables(args.output, run_ids={spec.run_id for spec in specs})
-    for world, table in shown.items():
-        print_table(table, "Base-to-novel" + WORLD_TITLES.get(world, ""))
+    shown, paths = build_tables(args.output, chosen, run_ids={spec.run_id for spec in specs})
+    for (protocol, world), table in shown.items():
+        show_table(protocol, table, PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, ""))
     console.print("Tables: " + ", ".join(str(p) for p in paths), soft_wrap=True)
     return 1 if summary.failed else 0
 
 
+def show_table(protocol: str, table, title: str) -> None:
+    if protocol == "base2novel":
+        print_table(table, title)
+    else:
+        print_accuracy_table(protocol, table, title)
+
+
+def print_accuracy_table(protocol: str, table, title: str) -> None:
+    """One rich table per method: datasets as rows, one column per shot count (and the
+    published number with the difference for a single shot count)."""
+    from benchmark.tables import TRANSFER_NOTE, _cell
+
+    for method, rows in table.groupby("method", sort=False):
+        shots = sorted(rows["shots"].unique())
+        rich_table = Table(title=f"{title}: {method}")
+        rich_table.add_column("Dataset")
+        for k in shots:
+            rich_table.add_column(f"{k}-shot" if len(shots) > 1 else "Accuracy", justify="right")
+        if len(shots) == 1:
+            for column in ("Seeds", "Paper", "Δ"):
+                rich_table.add_column(column, justify="right")
+        for dataset, group in rows.groupby("dataset", sort=False):
+            cells = group.set_index("shots")
+            values = [_cell(cells.loc[k, "accuracy"], cells.loc[k, "std"]) if k in cells.index else "-" for k in shots]
+            if len(shots) == 1:
+                c = cells.iloc[0]
+                values += [str(int(c["seeds"])), _cell(c["paper"]),
+                           f"{c['delta']:+.2f}" if c["delta"] == c["delta"] else "-"]
+            rich_table.add_row(dataset, *values)
+        console.print(rich_table)
+    console.print(TRANSFER_NOTE[protocol], style="dim")
+
+
+def dry_run(specs, output) -> int:
+    """List the runs with their state and estimate the work still to do."""
+    import math
+
+    from benchmark import store
+    from datasets.base import build_dataset
+
+    sizes: dict[tuple, tuple[int, int]] = {}
+
+    def size(dataset: str, subsample: str, root: str) -> tuple[int, int]:  # (classes, test images)
+        key = (dataset, subsample, root)
+        if key not in sizes:
+            splits = build_dataset(dataset, root, num_shots=0, subsample=subsample)
+            sizes[key] = (len(splits.classnames), len(splits.test))
+        return sizes[key]
+
+    seconds_per_step: dict[str, list[float]] = {}
+    for rec in store.iter_records(output):
+        if rec.get("status") == "ok" and rec.get("train", {}).get("steps"):
+            seconds_per_step.setdefault(rec["method"], []).append(rec["timings"]["train_s"] / rec["train"]["steps"])
+    table = Table(title=f"Dry run: {len(specs)} runs")
+    for column in ("#", "run", "state", "train steps", "eval images"):
+        table.add_column(column, justify="right" if column in ("#", "train steps", "eval images") else "left",
+                         overflow="fold")
+    totals = {"done": 0, "partial": 0, "to do": 0}
+    steps_left, images_left, seconds_left, unknown = 0, 0, 0.0, set()
+    for i, spec in enumerate(specs, 1):
+        previous = store.previous_record(output, spec)
+        missing = spec.evals if previous is None else store.missing_evals(previous, spec)
+        state = "done" if previous is not None and not missing else "partial" if previous is not None else "to do"
+        totals[state] += 1
+        root = spec.config["DATASET"]["ROOT"]
+        n_classes, _ = size(spec.dataset, spec.subsample, root)
+        epochs = int(spec.config["OPTIM"]["MAX_EPOCH"])
+        batch = int(spec.config["DATALOADER"]["TRAIN_X"]["BATCH_SIZE"])
+        steps = max(1, (spec.shots * n_classes) // batch) * epochs if epochs > 0 else 0
+        images = sum(size(e.dataset, e.subsample, root)[1] for e in missing)
+        if state == "to do":
+            steps_left += steps
+            if steps:
+                if spec.method in seconds_per_step:
+                    seconds_left += steps * float(sorted(seconds_per_step[spec.method])[len(seconds_per_step[spec.method]) // 2])
+                else:
+                    unknown.add(spec.method)
+        images_left += images if state != "done" else 0
+        table.add_row(str(i), spec.label, state, str(steps) if state == "to do" else "-",
+                      str(images) if state != "done" else "-")
+    console.print(table)
+    estimate = (f"about {math.ceil(seconds_left / 60)} min of training at the speed of the finished runs"
+                if seconds_left else "no finished runs to estimate time from")
+    if unknown and seconds_left:
+        estimate += f" (no estimate for {', '.join(sorted(unknown))})"
+    console.print(f"{totals['done']} done, {totals['partial']} need more evaluations, {totals['to do']} to do: "
+                  f"{steps_left} training steps and {images_left} test images left; {estimate}. "
+                  f"Nothing was run.")
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
-    shown, paths = build_tables(args.output, args.protocol)
+    from benchmark import protocols, store, tables
+
+    chosen = protocols.parse_protocols(args.protocol)
+    shown, paths = build_tables(args.output, chosen)
     if not shown:
         console.print(f"No finished {args.protocol} runs under {args.output}/records.")
         return 1
-    for world, table in shown.items():
+    for (protocol, world), table in shown.items():
+        title = PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, "")
         if args.format == "csv":
-            print(f"# {world}")
+            print(f"# {protocol} {world}")
             print(table.to_csv(index=False, float_format="%.4f"), end="")
+        elif args.format == "latex":
+            frame = tables.display_frame(table) if protocol == "base2novel" else tables.accuracy_display(table)
+            print(tables.latex_table(frame, caption=title))
         else:
-            print_table(table, args.protocol + WORLD_TITLES.get(world, ""))
+            show_table(protocol, table, title)
+    if args.compute:
+        compute = tables.compute_table(r for r in store.iter_records(args.output)
+                                       if r.get("protocol") in chosen + (["transfer"] if set(chosen) & {
+                                           "cross_dataset", "domain_generalization"} else []))
+        if args.format == "csv":
+            print(compute.to_csv(index=False, float_format="%.2f"), end="")
+        else:
+            console.print(compute.to_markdown(index=False, floatfmt=".1f"))
+    console.print("Files: " + ", ".join(str(p) for p in paths), soft_wrap=True)
     return 0
 
 
@@ -271,8 +412,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row(name, info.paper, str(info.config_file.name) if info.config_file else "-")
     console.print(table)
     console.print("Datasets: " + ", ".join(list_datasets()))
-    console.print("Protocols: base2novel, all")
+    console.print("Protocols: base2novel, cross_dataset, domain_generalization, few_shot, all")
     return 0
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's kill, `kill PID`) ends a sweep like Ctrl-C: the current run is
+    abandoned, every record already written stays, the same command resumes."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run"] + argv
     args = build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
     commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list}
     try:
         return commands[args.command](args)

@@ -9,6 +9,22 @@ base2novel (CoCoOp / MaPLe / MMA): for each dataset and seed, train on the base 
 the classes with K shots (the K-shot draw is over all classes, then the base half is
 kept), evaluate on the base test classes ("base") and on the new test classes ("novel")
 with the same trained model.  HM = 2BN / (B + N) of the seed-averaged B and N.
+
+cross_dataset and domain_generalization share one training per method and seed: ImageNet,
+all classes, 16 shots, the method's ``cross_dataset`` config variant (applied after the
+``imagenet`` variant: the official cross-dataset configs are written for ImageNet).  That
+run (protocol ``transfer``) evaluates on ImageNet's test set (the source) and on the full
+test sets of the targets each protocol names: the other ten datasets (cross_dataset) and
+the four ImageNet variants (domain_generalization).  Its identity does not include the
+targets: asking for more targets later evaluates the saved weights on the missing ones and
+never trains again.
+
+few_shot (CoOp paper): per dataset, all classes, K in 1 2 4 8 16 shots, evaluated on the
+full test set ("test"), with the ``few_shot`` variant and then ``few_shot_<K>`` (epochs
+that depend on K).
+
+Variants of a method's YAML apply in this order: protocol (few_shot, few_shot_<K>),
+dataset, world (``toy``); for the transfer run: dataset (imagenet), cross_dataset, world.
 """
 
 from __future__ import annotations
@@ -24,9 +40,11 @@ from yacs.config import CfgNode as CN
 from benchmark import config as C
 from methods.registry import add_method_defaults, get_method
 
-PROTOCOLS = ("base2novel",)
+PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization", "few_shot")
+TRANSFER = "transfer"  # the protocol name of the shared ImageNet training
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_SHOTS = 16
+FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
 # keys that do not change any number: left out of a run's identity
 _NOT_IDENTITY = ("OUTPUT_DIR", "DATASET.ROOT", "DATALOADER.NUM_WORKERS", "TRAIN.PRINT_FREQ", "USE_CUDA")
 
@@ -83,7 +101,10 @@ def _strip(config: dict, dotted: str) -> None:
 
 
 def run_identity(spec: RunSpec) -> str:
-    """A short hash of everything that can change the numbers of a run."""
+    """A short hash of everything that can change the numbers of a run.
+
+    The transfer run's evaluation targets are not part of it: they only add evaluations
+    of the same trained weights."""
     config = json.loads(json.dumps(spec.config))
     for key in _NOT_IDENTITY:
         _strip(config, key)
@@ -91,7 +112,7 @@ def run_identity(spec: RunSpec) -> str:
         "method": spec.method, "method_version": spec.method_version, "protocol": spec.protocol,
         "stage": spec.stage, "dataset": spec.dataset, "seed": spec.seed, "shots": spec.shots,
         "subsample": spec.subsample, "backbone_id": spec.backbone_id,
-        "evals": [asdict(e) for e in spec.evals], "config": config,
+        "evals": [] if spec.protocol == TRANSFER else [asdict(e) for e in spec.evals], "config": config,
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -119,20 +140,32 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[key] = value
 
 
+def config_variants(protocol: str, dataset: str, shots: int, world: str) -> list[str]:
+    """The names of the YAML variants that apply to a run, in the order they are merged."""
+    if protocol == TRANSFER:
+        names = [dataset, "cross_dataset"]
+    elif protocol == "few_shot":
+        names = ["few_shot", f"few_shot_{shots}", dataset]
+    else:
+        names = [protocol, dataset]
+    return names + (["toy"] if world == "toy" else [])
+
+
 def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots: int,
                    subsample: str, root: str, backbone: str, user_yaml: str | None = None,
                    opts: Sequence[str] = ()) -> CN:
     """defaults < method YAML (+ variants) < user YAML < protocol keys < KEY VALUE opts.
 
-    Variants: the protocol's, then the dataset's, then the world's (``toy`` for a toy-world
-    root, which wins: it only shortens schedules that a CPU cannot afford).
+    Variants (``config_variants``): the protocol's, then the dataset's, then the world's
+    (``toy`` for a toy-world root, which wins: it only shortens schedules that a CPU cannot
+    afford).
     """
     from datasets.toy import world_of
 
     info = get_method(method)
     cfg = C.get_cfg_default()
     add_method_defaults(cfg)
-    variants = [protocol, dataset] + (["toy"] if world_of(root) == "toy" else [])
+    variants = config_variants(protocol, dataset, shots, world_of(root))
     C.merge_dict(cfg, method_yaml(method, variants), f"methods/configs/{method}.yaml")
     if user_yaml:
         C.merge_dict(cfg, C.read_yaml(user_yaml), str(user_yaml))
@@ -148,29 +181,97 @@ def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots
     return cfg
 
 
-def base2novel(methods: Iterable[str], datasets: Iterable[str], seeds: Iterable[int], shots: int,
-               *, root: str, backbone: str, backbone_id: str, user_yaml: str | None = None,
-               opts: Sequence[str] = ()) -> list[RunSpec]:
-    specs = []
-    for method in methods:
-        for dataset in datasets:
-            for seed in seeds:
-                cfg = resolve_config(method, "base2novel", dataset, seed=seed, shots=shots,
-                                     subsample="base", root=root, backbone=backbone,
-                                     user_yaml=user_yaml, opts=opts)
-                specs.append(RunSpec(
-                    method=method, protocol="base2novel", stage="train_base", dataset=dataset,
-                    seed=seed, shots=shots, subsample="base", backbone=backbone,
-                    backbone_id=backbone_id,
-                    evals=(EvalSpec("base", dataset, "base"), EvalSpec("novel", dataset, "new")),
-                    config=C.to_dict(cfg)))
+def _spec(method: str, protocol: str, stage: str, dataset: str, seed: int, shots: int, subsample: str,
+          evals: tuple[EvalSpec, ...], *, root: str, backbone: str, backbone_id: str,
+          user_yaml: str | None = None, opts: Sequence[str] = ()) -> RunSpec:
+    cfg = resolve_config(method, protocol, dataset, seed=seed, shots=shots, subsample=subsample,
+                         root=root, backbone=backbone, user_yaml=user_yaml, opts=opts)
+    return RunSpec(method=method, protocol=protocol, stage=stage, dataset=dataset, seed=seed,
+                   shots=shots, subsample=subsample, backbone=backbone, backbone_id=backbone_id,
+                   evals=evals, config=C.to_dict(cfg))
+
+
+def base2novel(methods: Iterable[str], datasets: Iterable[str], seeds: Iterable[int],
+               shots: Sequence[int], **common) -> list[RunSpec]:
+    return [_spec(method, "base2novel", "train_base", dataset, seed, k, "base",
+                  (EvalSpec("base", dataset, "base"), EvalSpec("novel", dataset, "new")), **common)
+            for method in methods for dataset in datasets for k in shots for seed in seeds]
+
+
+def transfer(methods: Iterable[str], targets: Sequence[str], seeds: Iterable[int],
+             shots: Sequence[int], **common) -> list[RunSpec]:
+    """One ImageNet training per method, shot count and seed, evaluated on ImageNet and the targets."""
+    evals = tuple(EvalSpec(name, name, "all") for name in ["imagenet", *targets])
+    return [_spec(method, TRANSFER, "train_imagenet", "imagenet", seed, k, "all", evals, **common)
+            for method in methods for k in shots for seed in seeds]
+
+
+def few_shot(methods: Iterable[str], datasets: Iterable[str], seeds: Iterable[int],
+             shots: Sequence[int], **common) -> list[RunSpec]:
+    return [_spec(method, "few_shot", "train_all", dataset, seed, k, "all",
+                  (EvalSpec("test", dataset, "all"),), **common)
+            for method in methods for dataset in datasets for k in shots for seed in seeds]
+
+
+def parse_protocols(text: str) -> list[str]:
+    """``all``, one protocol or a comma-separated list -> protocol names in canonical order."""
+    import difflib
+
+    names = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not names:
+        raise ProtocolError("No protocol given. Use one of: " + ", ".join(PROTOCOLS) + ", all.")
+    chosen = set()
+    for name in names:
+        if name == "all":
+            chosen.update(PROTOCOLS)
+        elif name in PROTOCOLS:
+            chosen.add(name)
+        else:
+            close = difflib.get_close_matches(name, [*PROTOCOLS, "all"], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ProtocolError(f"Unknown protocol '{name}'.{hint} Available: {', '.join(PROTOCOLS)}, all "
+                                f"(or a comma-separated list).")
+    return [p for p in PROTOCOLS if p in chosen]
+
+
+def protocol_datasets(protocol: str, datasets: Sequence[str] | None) -> list[str]:
+    """The datasets a protocol uses: its defaults, or those of ``datasets`` that it has.
+    For cross_dataset and domain_generalization these are the evaluation targets."""
+    from datasets.catalog import BASE2NOVEL_DATASETS, CROSS_DATASET_TARGETS, DG_DATASETS
+
+    default = {"base2novel": BASE2NOVEL_DATASETS, "few_shot": BASE2NOVEL_DATASETS,
+               "cross_dataset": CROSS_DATASET_TARGETS, "domain_generalization": DG_DATASETS}[protocol]
+    return list(default) if datasets is None else [d for d in datasets if d in default]
+
+
+def expand(protocol: str, *, methods: Sequence[str], datasets: Sequence[str] | None = None,
+           seeds: Sequence[int] = DEFAULT_SEEDS, shots: Sequence[int] | int | None = None,
+           **common) -> list[RunSpec]:
+    """The run specs of one or several protocols (``all``, a name or a comma-separated list).
+
+    ``datasets`` None means each protocol's own datasets; otherwise each protocol keeps the
+    given datasets it has (the transfer run trains on ImageNet whatever the list says, and
+    evaluates on the listed targets).  ``shots`` None means 16, and 1 2 4 8 16 for few_shot.
+    The shared ImageNet training appears once, evaluated on every target asked for."""
+    if isinstance(shots, int):
+        shots = [shots]
+    chosen = parse_protocols(protocol)
+    specs: list[RunSpec] = []
+    targets: list[str] = []
+    for name in chosen:
+        names = protocol_datasets(name, datasets)
+        if name == "base2novel" and names:
+            specs += base2novel(methods, names, seeds, shots or [DEFAULT_SHOTS], **common)
+        elif name == "few_shot" and names:
+            specs += few_shot(methods, names, seeds, shots or list(FEW_SHOT_SHOTS), **common)
+        elif name in ("cross_dataset", "domain_generalization"):
+            targets += names
+    if targets:
+        specs += transfer(methods, targets, seeds, shots or [DEFAULT_SHOTS], **common)
+    if not specs:
+        raise ProtocolError(f"No runs: none of the datasets {list(datasets or [])} belongs to the protocol(s) "
+                            f"{', '.join(chosen)}. Leave --datasets out to use each protocol's datasets.")
     return specs
-
-
-def expand(protocol: str, **kwargs) -> list[RunSpec]:
-    if protocol in ("base2novel", "all"):
-        return base2novel(**kwargs)
-    raise ProtocolError(f"Unknown protocol '{protocol}'. Available: {', '.join(PROTOCOLS)}, all.")
 
 
 def spec_from_dict(data: dict) -> RunSpec:

@@ -22,6 +22,11 @@ def record_path(output: str | Path, spec) -> Path:
             / f"shots{spec.shots}-seed{spec.seed}-{spec.run_id}.json")
 
 
+def checkpoint_path(output: str | Path, spec) -> Path:
+    return (Path(output) / "checkpoints" / spec.method / spec.protocol / spec.dataset
+            / f"shots{spec.shots}-seed{spec.seed}-{spec.run_id}.pt")
+
+
 def write_json_atomic(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +56,22 @@ def read_record(path: str | Path) -> dict | None:
     return data if isinstance(data, dict) and "id" in data else None
 
 
-def is_finished(output: str | Path, spec) -> bool:
+def previous_record(output: str | Path, spec) -> dict | None:
+    """The spec's successful record (same identity), complete or not."""
     record = read_record(record_path(output, spec))
-    return record is not None and record.get("status") == "ok" and record.get("id") == spec.run_id
+    if record is None or record.get("status") != "ok" or record.get("id") != spec.run_id:
+        return None
+    return record
+
+
+def missing_evals(record: dict, spec) -> list:
+    return [e for e in spec.evals if e.name not in record.get("metrics", {})]
+
+
+def is_finished(output: str | Path, spec) -> bool:
+    """A successful record of the same identity with every evaluation the spec asks for."""
+    record = previous_record(output, spec)
+    return record is not None and not missing_evals(record, spec)
 
 
 def iter_records(output: str | Path) -> Iterator[dict]:

@@ -41,8 +41,13 @@ def _failure_record(spec: RunSpec, exc: BaseException) -> dict:
 
 
 def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, device=None,
-              force: bool = False, progress: Callable[[str, RunSpec, int, int], None] | None = None
-              ) -> SweepSummary:
+              force: bool = False, save_checkpoints: bool = False,
+              progress: Callable[[str, RunSpec, int, int], None] | None = None) -> SweepSummary:
+    """Run what is not finished.  A record of the same identity that lacks evaluations (the
+    transfer run asked for more targets) is completed from its checkpoint without training;
+    the transfer run always writes one, other runs with ``save_checkpoints``."""
+    from benchmark.protocols import TRANSFER
+
     from benchmark.executors import LocalExecutor
     from benchmark.trainer import execute
 
@@ -62,8 +67,11 @@ def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, de
         index = len(summary.done) + len(summary.failed) + 1
         if progress:
             progress("start", spec, index, len(todo))
+        previous = None if force else store.previous_record(output, spec)
         try:
-            record = execute(spec, device=device)
+            record = execute(spec, device=device, previous=previous,
+                             checkpoint=store.checkpoint_path(output, spec),
+                             save_checkpoint=save_checkpoints or spec.protocol == TRANSFER)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one broken run must not stop the sweep

@@ -157,3 +157,194 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "base2nov
     text = f"# {name}\n\n" + display_frame(table).to_markdown(index=False) + f"\n\n{NOTE}\n"
     paths["markdown"].write_text(text)
     return paths
+
+
+# -- cross-dataset, domain generalisation, few-shot -------------------------------------------
+TRANSFER_NOTE = {
+    "cross_dataset": ("Trained on ImageNet (all classes, 16 shots), evaluated on the full test sets. "
+                      "Cells: mean ± std (population) over seeds; '(n=k)' marks a cell with fewer seeds "
+                      "than the others; '-' = no run. Average: mean of the 10 target datasets' means "
+                      "(the source, ImageNet, excluded), shown only when every target has a result. "
+                      "Paper: results/paper/cross_dataset.csv; Δ = ours − paper."),
+    "domain_generalization": ("The cross-dataset ImageNet models (trained once per seed) evaluated on "
+                              "ImageNet-V2, -Sketch, -A and -R (A and R: their 200 classes). Cells: mean ± "
+                              "std over seeds; '(n=k)' marks fewer seeds; '-' = no run. Average: mean of the "
+                              "4 shifted sets (ImageNet excluded), only when all four have a result. Paper: "
+                              "results/paper/domain_generalization.csv; Δ = ours − paper."),
+    "few_shot": ("All classes, K shots per class, full test set. Cells: mean ± std over seeds; '(n=k)' "
+                 "marks fewer seeds; '-' = no run. Average: mean over the 11 datasets' means, only when "
+                 "all 11 have a result. Paper: results/paper/few_shot.csv; Δ = ours − paper."),
+}
+
+
+def _seed_cells(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    grouped = frame.groupby(keys)
+    return pd.DataFrame({"accuracy": grouped["accuracy"].mean(), "std": grouped["accuracy"].std(ddof=0),
+                         "seeds": grouped["seed"].nunique()}).reset_index()
+
+
+def accuracy_table(frame: pd.DataFrame, protocol: str, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Long table for cross_dataset, domain_generalization or few_shot: one row per method,
+    shots and dataset (plus "average"), with mean, std, seeds, published number and Δ."""
+    from datasets.catalog import BASE2NOVEL_DATASETS, CROSS_DATASET_TARGETS, DG_DATASETS
+
+    columns = ["method", "shots", "dataset", "accuracy", "std", "seeds", "paper", "delta"]
+    if protocol == "few_shot":
+        part = frame[frame["protocol"] == "few_shot"].assign(target=lambda f: f["dataset"])
+        targets, extra = list(BASE2NOVEL_DATASETS), []
+    else:
+        part = frame[frame["protocol"] == "transfer"].assign(target=lambda f: f["split"])
+        targets = list(CROSS_DATASET_TARGETS if protocol == "cross_dataset" else DG_DATASETS)
+        extra = ["imagenet"]  # the source, shown but not averaged
+        part = part[part["target"].isin(extra + targets)]
+    if part.empty:
+        return pd.DataFrame(columns=columns)
+    cells = _seed_cells(part, ["method", "shots", "target"]).rename(columns={"target": "dataset"})
+    order = {name: i for i, name in enumerate(extra + targets)}
+    rows = []
+    for (method, shots), group in cells.groupby(["method", "shots"], sort=False):
+        group = group.assign(_o=group["dataset"].map(lambda d: order.get(d, len(order)))).sort_values("_o")
+        rows.append(group.drop(columns="_o"))
+        have = group[group["dataset"].isin(targets)]
+        complete = set(have["dataset"]) == set(targets)
+        rows.append(pd.DataFrame([{"method": method, "shots": shots, "dataset": "average",
+                                   "accuracy": have["accuracy"].mean() if complete else np.nan,
+                                   "std": np.nan, "seeds": int(have["seeds"].min()) if len(have) else 0}]))
+    table = pd.concat(rows, ignore_index=True)
+    table["paper"] = np.nan
+    if paper is not None and not paper.empty:
+        pub = paper.assign(m=paper["method"].str.lower())
+        if protocol == "cross_dataset":
+            pub = pub.rename(columns={"target_dataset": "key"}).set_index(["m", "key"])["accuracy"]
+        elif protocol == "domain_generalization":
+            pub = pub.rename(columns={"dataset": "key"}).set_index(["m", "key"])["accuracy"]
+        else:
+            pub = pub.assign(key=pub["dataset"] + "@" + pub["shots"].astype(str)).set_index(["m", "key"])["accuracy"]
+        for i, row in table.iterrows():
+            key = row["dataset"] if protocol != "few_shot" else f"{row['dataset']}@{int(row['shots'])}"
+            name = paper_name(row["method"]).lower()
+            if (name, key) in pub.index:
+                table.loc[i, "paper"] = float(pub.loc[(name, key)])
+    table["delta"] = table["accuracy"] - table["paper"]
+    return table[columns]
+
+
+def accuracy_display(table: pd.DataFrame) -> pd.DataFrame:
+    """Methods (and shots) as rows, datasets as columns: 'mean ± std', '(n=k)' for fewer
+    seeds than the table's most, and the published number with Δ below in the paper rows."""
+    if table.empty:
+        return pd.DataFrame()
+    most = int(table["seeds"].max())
+    datasets = list(dict.fromkeys(table["dataset"]))
+    rows = []
+    for (method, shots), group in table.groupby(["method", "shots"], sort=False):
+        cells = group.set_index("dataset")
+        ours = {"Method": method, "Shots": int(shots)}
+        pub = {"Method": "  paper (Δ)", "Shots": int(shots)}
+        for name in datasets:
+            if name not in cells.index:
+                ours[name], pub[name] = "-", "-"
+                continue
+            c = cells.loc[name]
+            text = _cell(c["accuracy"], c["std"])
+            if text != "-" and name != "average" and int(c["seeds"]) < most:
+                text += f" (n={int(c['seeds'])})"
+            ours[name] = text
+            pub[name] = "-" if pd.isna(c["paper"]) else (
+                f"{c['paper']:.2f} ({c['delta']:+.2f})" if not pd.isna(c["delta"]) else f"{c['paper']:.2f}")
+        rows.append(ours)
+        if any(v != "-" for k, v in pub.items() if k not in ("Method", "Shots")):
+            rows.append(pub)
+    return pd.DataFrame(rows)
+
+
+def write_accuracy_tables(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / f"{name}.csv", "markdown": out_dir / f"{name}.md"}
+    table.to_csv(paths["csv"], index=False, float_format="%.4f")
+    shown = accuracy_display(table)
+    text = f"# {name}\n\n" + (shown.to_markdown(index=False) if not shown.empty else "(no runs)")
+    paths["markdown"].write_text(text + f"\n\n{TRANSFER_NOTE[protocol]}\n")
+    return paths
+
+
+def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_shot") -> list[Path]:
+    """One PNG per dataset (and the average): accuracy against shots, one line per method,
+    the published curve dashed in the same colour where there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for dataset, group in table.groupby("dataset", sort=False):
+        if group["accuracy"].notna().sum() == 0:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
+        for i, (method, rows) in enumerate(group.groupby("method", sort=False)):
+            rows = rows.sort_values("shots")
+            color = f"C{i % 10}"
+            ax.errorbar(rows["shots"], rows["accuracy"], yerr=rows["std"].fillna(0), marker="o", ms=4,
+                        color=color, label=method, capsize=2)
+            if rows["paper"].notna().any():
+                ax.plot(rows["shots"], rows["paper"], ls="--", color=color, alpha=0.6, label=f"{method} (paper)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{name}-{dataset}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def latex_table(shown: pd.DataFrame, caption: str = "") -> str:
+    """A display frame as a LaTeX tabular (booktabs), best mean per column in bold."""
+    frame = shown.copy()
+    for column in frame.columns:
+        if column in ("Method", "Dataset", "Shots", "Seeds"):
+            continue
+        values = pd.to_numeric(frame[column].astype(str).str.extract(r"^([-\d.]+)")[0], errors="coerce")
+        ours = ~frame.iloc[:, 0].astype(str).str.strip().str.startswith("paper")
+        if values[ours].notna().any():
+            best = values[ours].max()
+            frame[column] = [f"\\textbf{{{v}}}" if o and val == best else v
+                             for v, val, o in zip(frame[column].astype(str), values, ours)]
+    frame = frame.map(lambda v: str(v).replace("±", "$\\pm$").replace("Δ", "$\\Delta$").replace("_", "\\_"))
+    frame.columns = [str(c).replace("_", "\\_").replace("Δ", "$\\Delta$") for c in frame.columns]
+    return frame.style.hide(axis="index").to_latex(hrules=True, caption=caption or None)
+
+
+def compute_table(records: Iterable[dict]) -> pd.DataFrame:
+    """Per method, protocol and dataset: trainable parameters, peak memory, wall time, device
+    (means over the successful runs)."""
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        comp, timing = rec.get("compute", {}), rec.get("timings", {})
+        peak = comp.get("peak_memory_bytes")
+        rows.append({"method": rec["method"], "protocol": rec["protocol"], "dataset": rec["dataset"],
+                     "shots": rec["shots"], "trainable_params": comp.get("trainable_params"),
+                     "peak_memory_mib": peak / 2**20 if peak else np.nan,
+                     "train_s": timing.get("train_s"), "total_s": timing.get("total_s"),
+                     "device": comp.get("device"), "precision": comp.get("precision")})
+    columns = ["method", "protocol", "dataset", "shots", "runs", "trainable_params", "peak_memory_mib",
+               "train_s", "total_s", "device", "precision"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    grouped = frame.groupby(["method", "protocol", "dataset", "shots"], sort=True)
+    out = grouped.agg(runs=("train_s", "size"), trainable_params=("trainable_params", "max"),
+                      peak_memory_mib=("peak_memory_mib", "max"), train_s=("train_s", "mean"),
+                      total_s=("total_s", "mean"), device=("device", "first"),
+                      precision=("precision", "first")).reset_index()
+    return out[columns]

@@ -357,8 +357,17 @@ def code_revision() -> str:
 
 
 def execute(spec: RunSpec, device: str | torch.device | None = None,
-            on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train and evaluate one run spec; returns its record (status "ok")."""
+            on_step: Callable[[int, int, float], None] | None = None, *,
+            previous: dict | None = None, checkpoint: str | Path | None = None,
+            save_checkpoint: bool = False) -> dict:
+    """Train and evaluate one run spec; returns its record (status "ok").
+
+    ``previous``: this spec's earlier successful record that lacks some evaluations; with
+    its ``checkpoint`` on disk the weights are restored instead of trained, only the
+    missing evaluations run, and the record keeps the earlier ones.  ``save_checkpoint``
+    writes the learned weights to ``checkpoint`` after training."""
+    from benchmark import checkpoint as ckpt
+
     started = time.time()
     t0 = time.perf_counter()
     cfg = config_node(spec)
@@ -387,15 +396,24 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    if model.fit is not None:
+    resumed = previous is not None and checkpoint is not None and Path(checkpoint).is_file()
+    if resumed:
+        ckpt.load(model, checkpoint)
+        result = None
+        log.info("%s: weights restored from %s; evaluating the missing targets only", spec.label, checkpoint)
+    elif model.fit is not None:
         fit_start = time.perf_counter()
         report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision))
         result = TrainResult([], [], 0, time.perf_counter() - fit_start, fit=report or None)
     else:
         result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
+    if save_checkpoint and not resumed and checkpoint is not None:
+        ckpt.save(model, checkpoint, run_id=spec.run_id)
 
-    metrics = {}
+    metrics = dict(previous["metrics"]) if resumed else {}
     for ev in spec.evals:
+        if ev.name in metrics:
+            continue
         if ev.dataset == spec.dataset and ev.subsample == spec.subsample:
             data, names = train_set.test, train_set.classnames
         else:
@@ -414,7 +432,19 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {
+    if resumed:
+        train_info, train_s = previous["train"], previous["timings"]["train_s"]
+    else:
+        train_info = {
+            "n_images": len(train_set.train),
+            "n_classes": len(train_set.classnames),
+            "steps": result.steps,
+            "epoch_losses": result.epoch_losses,
+            "learning_rates": result.learning_rates,
+            "fit": result.fit,
+        }
+        train_s = result.seconds
+    record = {
         "id": spec.run_id,
         "status": "ok",
         "method": spec.method,
@@ -430,14 +460,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         "world": world_of(root),
         "evals": [e.__dict__ for e in spec.evals],
         "metrics": metrics,
-        "train": {
-            "n_images": len(train_set.train),
-            "n_classes": len(train_set.classnames),
-            "steps": result.steps,
-            "epoch_losses": result.epoch_losses,
-            "learning_rates": result.learning_rates,
-            "fit": result.fit,
-        },
+        "train": train_info,
         "compute": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "precision_requested": requested,
@@ -445,13 +468,24 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
             "trainable_params": n_trainable,
             "peak_memory_bytes": peak,
         },
-        "timings": {"train_s": result.seconds, "total_s": time.perf_counter() - t0,
+        "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0,
                     "started": started, "finished": time.time()},
         "config": spec.config,
         "effective_input_size": list(cfg.INPUT.SIZE),
         "software": software_versions(),
         "code_revision": code_revision(),
     }
+    if checkpoint is not None and Path(checkpoint).is_file():
+        record["checkpoint"] = str(checkpoint)
+    if resumed:
+        record["resumed_from_checkpoint"] = True
+        record["evals"] = _merge_evals(previous.get("evals", []), record["evals"])
+    return record
+
+
+def _merge_evals(old: list[dict], new: list[dict]) -> list[dict]:
+    names = {e["name"] for e in new}
+    return [e for e in old if e["name"] not in names] + new
 
 
 def harmonic_mean(base: float, novel: float) -> float:
