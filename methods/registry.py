@@ -25,7 +25,8 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-BUILTIN_MODULES = ("methods.zsclip", "methods.coop", "methods.cocoop", "methods.mma")
+BUILTIN_MODULES = ("methods.zsclip", "methods.coop", "methods.cocoop", "methods.mma", "methods.maple",
+                   "methods.linear_probe")
 ENTRY_POINT_GROUP = "clip_fewshot_benchmark.methods"
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
