@@ -66,6 +66,8 @@ def load_official_checkpoint(model, path: str | Path) -> dict:
     Returns the checkpoint's other fields (epoch, ...).
     """
     path = Path(path)
+    if hasattr(model, "load_official_file"):  # official files that are not a state dict (Tip-Adapter's cache)
+        return model.load_official_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist. Official runs write it as "
                                 f"<output>/<registered name>/model.pth.tar-<epoch>.")
@@ -85,6 +87,8 @@ def load_official_checkpoint(model, path: str | Path) -> dict:
 def save_official_checkpoint(model, path: str | Path, epoch: int) -> Path:
     """Write the learned weights in the official checkpoint layout (readable by both)."""
     path = Path(path)
+    if hasattr(model, "save_official_file"):
+        return model.save_official_file(path, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = getattr(model, model.official_module)
     torch.save({"state_dict": module.state_dict(), "epoch": epoch, "optimizer": None,

@@ -191,23 +191,30 @@ def _spec(method: str, protocol: str, stage: str, dataset: str, seed: int, shots
                    evals=evals, config=C.to_dict(cfg))
 
 
+def _shot_list(shots: Sequence[int] | int) -> list[int]:
+    return [shots] if isinstance(shots, int) else list(shots)
+
+
 def base2novel(methods: Iterable[str], datasets: Iterable[str], seeds: Iterable[int],
-               shots: Sequence[int], **common) -> list[RunSpec]:
+               shots: Sequence[int] | int, **common) -> list[RunSpec]:
+    shots = _shot_list(shots)
     return [_spec(method, "base2novel", "train_base", dataset, seed, k, "base",
                   (EvalSpec("base", dataset, "base"), EvalSpec("novel", dataset, "new")), **common)
             for method in methods for dataset in datasets for k in shots for seed in seeds]
 
 
 def transfer(methods: Iterable[str], targets: Sequence[str], seeds: Iterable[int],
-             shots: Sequence[int], **common) -> list[RunSpec]:
+             shots: Sequence[int] | int, **common) -> list[RunSpec]:
     """One ImageNet training per method, shot count and seed, evaluated on ImageNet and the targets."""
+    shots = _shot_list(shots)
     evals = tuple(EvalSpec(name, name, "all") for name in ["imagenet", *targets])
     return [_spec(method, TRANSFER, "train_imagenet", "imagenet", seed, k, "all", evals, **common)
             for method in methods for k in shots for seed in seeds]
 
 
 def few_shot(methods: Iterable[str], datasets: Iterable[str], seeds: Iterable[int],
-             shots: Sequence[int], **common) -> list[RunSpec]:
+             shots: Sequence[int] | int, **common) -> list[RunSpec]:
+    shots = _shot_list(shots)
     return [_spec(method, "few_shot", "train_all", dataset, seed, k, "all",
                   (EvalSpec("test", dataset, "all"),), **common)
             for method in methods for dataset in datasets for k in shots for seed in seeds]

@@ -403,8 +403,11 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         log.info("%s: weights restored from %s; evaluating the missing targets only", spec.label, checkpoint)
     elif model.fit is not None:
         fit_start = time.perf_counter()
-        report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision))
-        result = TrainResult([], [], 0, time.perf_counter() - fit_start, fit=report or None)
+        report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision)) or {}
+        # a method with its own loop reports its steps, losses and learned parameters
+        result = TrainResult(list(report.get("epoch_losses", [])), list(report.get("learning_rates", [])),
+                             int(report.get("steps", 0)), time.perf_counter() - fit_start, fit=report or None)
+        n_trainable = int(report.get("trainable_params", n_trainable))
     else:
         result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
     if save_checkpoint and not resumed and checkpoint is not None:
