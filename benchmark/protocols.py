@@ -20,11 +20,12 @@ targets: asking for more targets later evaluates the saved weights on the missin
 never trains again.
 
 few_shot (CoOp paper): per dataset, all classes, K in 1 2 4 8 16 shots, evaluated on the
-full test set ("test"), with the ``few_shot`` variant and then ``few_shot_<K>`` (epochs
-that depend on K).
+full test set ("test"), with the ``few_shot`` variant, then ``few_shot_<K>`` (epochs
+that depend on K), the dataset's, and ``few_shot_<dataset>`` (few-shot settings that
+differ per dataset).
 
 Variants of a method's YAML apply in this order: protocol (few_shot, few_shot_<K>),
-dataset, world (``toy``); for the transfer run: dataset (imagenet), cross_dataset, world.
+dataset (then few_shot_<dataset>), world (``toy``); for the transfer run: dataset (imagenet), cross_dataset, world.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def config_variants(protocol: str, dataset: str, shots: int, world: str) -> list
     if protocol == TRANSFER:
         names = [dataset, "cross_dataset"]
     elif protocol == "few_shot":
-        names = ["few_shot", f"few_shot_{shots}", dataset]
+        names = ["few_shot", f"few_shot_{shots}", dataset, f"few_shot_{dataset}"]
     else:
         names = [protocol, dataset]
     return names + (["toy"] if world == "toy" else [])

@@ -26,7 +26,8 @@ from yacs.config import CfgNode as CN
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN_MODULES = ("methods.zsclip", "methods.coop", "methods.cocoop", "methods.mma", "methods.maple",
-                   "methods.linear_probe", "methods.tip_adapter", "methods.kgcoop", "methods.clip_adapter")
+                   "methods.linear_probe", "methods.tip_adapter", "methods.kgcoop", "methods.clip_adapter",
+                   "methods.promptsrc")
 ENTRY_POINT_GROUP = "clip_fewshot_benchmark.methods"
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 

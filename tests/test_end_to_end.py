@@ -74,6 +74,35 @@ def test_base2novel_every_method(tmp_path, synthetic_root):
     assert table.returncode == 0 and "eurosat" in table.stdout
 
 
+BASELINES = ["maple", "kgcoop", "clip_adapter", "tip_adapter", "tip_adapter_f", "linear_probe", "promptsrc"]
+
+
+@pytest.mark.slow
+def test_base2novel_every_other_baseline(tmp_path, synthetic_root):
+    """The remaining baselines through the command line, with their own configs (one epoch)."""
+    out = tmp_path / "out"
+    result = _run("--methods", ",".join(BASELINES), "--protocol", "base2novel", "--datasets", "eurosat",
+                  "--seeds", "1", "--output", str(out), "--root", str(synthetic_root), "--clip", "tiny-clip-12",
+                  "--opts", "OPTIM.MAX_EPOCH", "1", "DATALOADER.NUM_WORKERS", "0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(BASELINES)} done, 0 already finished, 0 failed" in " ".join(result.stdout.split())
+    records = {r["method"]: r for r in store.iter_records(out)}
+    assert set(records) == set(BASELINES) and all(r["status"] == "ok" for r in records.values())
+    for name in ("maple", "kgcoop", "clip_adapter", "promptsrc"):  # trained by the shared loop
+        assert records[name]["train"]["steps"] > 0 and records[name]["compute"]["trainable_params"] > 0
+        assert set(records[name]["metrics"]) == {"base", "novel"}
+    assert records["maple"]["config"]["TRAINER"]["MAPLE"]["PROMPT_DEPTH"] == 9
+    # training-free and closed-form methods: chosen on the validation split, recorded
+    for name in ("tip_adapter", "tip_adapter_f", "linear_probe"):
+        assert records[name]["train"]["fit"]["selected_on"] == "val", records[name]["train"]["fit"]
+    assert records["tip_adapter_f"]["train"]["steps"] > 0 and records["tip_adapter_f"]["compute"]["trainable_params"] > 0
+    assert records["linear_probe"]["metrics"]["novel"]["status"] == "not_applicable"
+    assert records["linear_probe"]["metrics"]["base"]["accuracy"] >= 0
+    csv = pd.read_csv(out / "tables" / "base2novel-synthetic.csv")
+    probe = csv[(csv.method == "linear_probe") & (csv.dataset == "eurosat")].iloc[0]
+    assert probe.base == records["linear_probe"]["metrics"]["base"]["accuracy"] and pd.isna(probe.novel)
+
+
 def test_table_from_hand_made_records():
     def rec(method, dataset, seed, base, novel):
         return {"id": f"{method}{dataset}{seed}", "status": "ok", "method": method, "protocol": "base2novel",
