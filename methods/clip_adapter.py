@@ -30,9 +30,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from benchmark.backbone import tokenize
 from methods.registry import Method, register_method
-from methods.zsclip import dataset_template
+from methods.zsclip import dataset_template, encode_template
 
 
 class Adapter(nn.Module):
@@ -71,9 +70,7 @@ class CLIPAdapter(Method):
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
-        prompts = [self.template.format(c.replace("_", " ")) for c in self.classnames]
-        device = self.clip.logit_scale.device
-        self.text_features = self.clip.encode_text(tokenize(prompts).to(device))
+        self.text_features = encode_template(self.clip, self.template, self.classnames)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image = self.clip.encode_image(images.to(self.dtype))

@@ -28,7 +28,7 @@ Official checkpoints also hold two parameters that the official forward never us
 (``bias_vectors`` and a ``meta_net.linear1``, both hard-coded to width 512) and the
 class-dependent ``token_prefix``/``token_suffix``; loading drops them all.
 
-Schedule: the current official trainer steps one Dassl scheduler per epoch (the
+Schedule: the current official trainer steps one toolbox scheduler per epoch (the
 harness's schedule).  An earlier revision built a second scheduler on the same
 optimiser and stepped both, which with the PyTorch of the time squared the cosine
 factor; that revision is not reproduced.

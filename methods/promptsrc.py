@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, MethodError, encode_text_embeddings, register_method
+from methods.registry import Method, MethodError, copy_checked, encode_text_embeddings, register_method
 
 # the 60 templates the official trainer averages for the frozen text features (every dataset)
 IMAGENET_TEMPLATES = (
@@ -411,24 +411,8 @@ class PromptSRC(Method):
         own = self.official_tensors()
         state = {k: v for k, v in state_dict.items() if k not in _CLASS_BUFFERS and not k.startswith(_ZS_PREFIX)}
         missing = [k for k in self.learned_official_keys() if k not in state]
-        unexpected = sorted(k for k in state if k not in own)
-        wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:6]}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:6]}")
-            if wrong:
-                parts.append("shape mismatch " + ", ".join(
-                    f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4]))
-            raise MethodError(
-                f"The checkpoint does not fit PromptSRC as configured: {'; '.join(parts)}. Check that "
-                f"N_CTX_TEXT/N_CTX_VISION, PROMPT_DEPTH_TEXT/PROMPT_DEPTH_VISION and the backbone match "
-                f"the run that wrote it.")
-        with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value.to(own[key].dtype))
+        copy_checked(state, own, missing, "PromptSRC as configured",
+                     "N_CTX_TEXT/N_CTX_VISION, PROMPT_DEPTH_TEXT/PROMPT_DEPTH_VISION and the backbone")
         if any(not _is_learned(k) for k in state):
             self._frozen_gpa = []  # the file's frozen weights replace any earlier aggregate
         self.on_weights_loaded()

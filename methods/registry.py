@@ -168,6 +168,28 @@ def encode_text_embeddings(clip: nn.Module, prompts: torch.Tensor, tokens: torch
     return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ clip.text_projection
 
 
+def copy_checked(state: dict, own: dict, missing: Sequence[str], what: str, options: str) -> None:
+    """Copy ``state`` into the tensors ``own`` (name -> tensor) after checking that it fits:
+    no ``missing`` keys, no unexpected keys, the same shapes; otherwise one error naming
+    them and the ``options`` that must match the run that wrote the file."""
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {list(missing)[:6]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:6]}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4]))
+        raise MethodError(f"The checkpoint does not fit {what}: {'; '.join(parts)}. Check that {options} "
+                          f"match the run that wrote the checkpoint.")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
 class Method(nn.Module):
     """Base class: a CLIP model plus what a method learns; ``forward(images) -> logits``.
 
@@ -249,24 +271,8 @@ class Method(nn.Module):
         state = {k: v for k, v in state_dict.items() if k not in self.official_ignore}
         own = target.state_dict()
         missing = sorted(k for k in own if k not in state and k not in self.official_ignore)
-        unexpected = sorted(k for k in state if k not in own)
-        wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:6]}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:6]}")
-            if wrong:
-                parts.append("shape mismatch " + ", ".join(
-                    f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4]))
-            raise MethodError(
-                f"The checkpoint does not fit {type(self).__name__} as configured: {'; '.join(parts)}. "
-                f"Check that the method, its options (e.g. adapter layers and dimension) and the "
-                f"backbone match the run that wrote the checkpoint.")
-        with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value.to(own[key].dtype))
+        copy_checked(state, own, missing, f"{type(self).__name__} as configured",
+                     "the method, its options (e.g. adapter layers and dimension) and the backbone")
         self.on_weights_loaded()
 
     def on_weights_loaded(self) -> None:

@@ -33,6 +33,14 @@ def dataset_template(name: str, root: str = "") -> str:
     return spec.template if spec is not None else DEFAULT_TEMPLATE
 
 
+@torch.no_grad()
+def encode_template(clip, template: str, classnames: Sequence[str]) -> torch.Tensor:
+    """CLIP's text features (not normalised) of the template filled with each class name
+    ("_" read as a space), as the official trainers write their hand-made prompts."""
+    prompts = [template.format(c.replace("_", " ")) for c in classnames]
+    return clip.encode_text(tokenize(prompts).to(clip.logit_scale.device))
+
+
 @register_method("zsclip", node="ZSCLIP", defaults=dict(PREC="fp16", TEMPLATE=""),
                  paper="Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)",
                  paper_name="CLIP", code="the CoOp code base, trainers/zsclip.py")
@@ -48,10 +56,7 @@ class ZeroShotCLIP(Method):
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
-        prompts = [self.template.format(c.replace("_", " ")) for c in self.classnames]
-        device = self.clip.logit_scale.device
-        features = self.clip.encode_text(tokenize(prompts).to(device))
-        self.text_features = F.normalize(features, dim=-1)
+        self.text_features = F.normalize(encode_template(self.clip, self.template, self.classnames), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = F.normalize(self.clip.encode_image(images.to(self.dtype)), dim=-1)
