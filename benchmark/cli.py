@@ -112,7 +112,66 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also show trainable parameters, peak memory, wall time and device per run group")
 
     sub.add_parser("list", help="list methods, datasets and protocols")
+
+    bench = sub.add_parser(
+        "bench", help="measure speed and memory per method, every fast path against the plain path",
+        description="Times, in one process and on one device, each method's text step, training steps, "
+                    "evaluation and one complete base-to-novel run, with the exact fast paths off (plain) "
+                    "and on (fast); repetitions give the median. Writes OUTPUT/bench/<time>-<device>.json "
+                    "and .md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  python run.py bench --methods mma,coop                 # tiny CLIP on the CPU\n"
+               "  python run.py bench --backbone vit-b-16-random --classes 100 --device cuda\n"
+               "  python run.py bench --backbone ViT-B-16.pt --skip-run")
+    bench.add_argument("--methods", type=_csv, default=["mma", "coop", "zsclip"],
+                       help="comma-separated methods (default: mma,coop,zsclip)")
+    bench.add_argument("--backbone", default="tiny-clip-12",
+                       help="CLIP to measure: tiny-clip-12 (default), vit-b-16-random (ViT-B/16 with random "
+                            "weights), or any --clip value (a weights file, an open_clip name:tag)")
+    bench.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    bench.add_argument("--classes", type=int, default=20,
+                       help="classes of the dataset written for the evaluation and the complete run (default 20)")
+    bench.add_argument("--shots", type=int, default=16, help="training images per class (default 16)")
+    bench.add_argument("--test-per-class", type=int, default=10, help="test images per class (default 10)")
+    bench.add_argument("--image-px", type=int, default=256, help="side of the JPEG files written (default 256)")
+    bench.add_argument("--text-classes", type=int, default=1000,
+                       help="class names in the text-step measurement (default 1000, as ImageNet)")
+    bench.add_argument("--epochs", type=int, default=0,
+                       help="training epochs of the complete run (default: the method's official number)")
+    bench.add_argument("--repeats", type=int, default=3, help="repetitions of each timing; the median is kept")
+    bench.add_argument("--run-repeats", type=int, default=0,
+                       help="repetitions of the complete runs (default: as --repeats)")
+    bench.add_argument("--steps", type=int, default=5, help="training steps per timed repetition (default 5)")
+    bench.add_argument("--peak-tflops", type=float, default=0.0,
+                       help="the device's peak TFLOP/s for the share column (default: known GPUs)")
+    bench.add_argument("--skip-run", action="store_true", help="leave out the complete base-to-novel runs")
+    bench.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
+    bench.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                       help="config overrides for every measurement, e.g. --opts DATALOADER.NUM_WORKERS 8")
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmark.bench import BenchSettings, run_bench
+    from methods.registry import get_method
+
+    for method in args.methods:
+        get_method(method)
+    for name in ("classes", "shots", "test_per_class", "image_px", "text_classes", "repeats", "steps"):
+        if getattr(args, name) < 1 or (name == "classes" and args.classes < 2):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number (--classes at least 2); "
+                             f"got {getattr(args, name)}.")
+    settings = BenchSettings(methods=args.methods, backbone=args.backbone, device=args.device,
+                             output=Path(args.output), classes=args.classes, shots=args.shots,
+                             test_per_class=args.test_per_class, image_px=args.image_px,
+                             text_classes=args.text_classes, epochs=args.epochs, repeats=args.repeats,
+                             run_repeats=args.run_repeats,
+                             steps=args.steps, peak_tflops=args.peak_tflops, skip_run=args.skip_run,
+                             opts=list(args.opts))
+    rows, path = run_bench(settings, console)
+    console.print(path.with_suffix(".md").read_text(), soft_wrap=True, highlight=False, markup=False)
+    console.print(f"Saved: {path} and {path.with_suffix('.md')}", soft_wrap=True)
+    return 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -244,6 +303,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "DATALOADER.NUM_WORKERS" not in opts[::2]:
             opts = ["DATALOADER.NUM_WORKERS", "0"] + opts  # tiny images: workers cost more than they save
         console.print(TOY_NOTE if world == "toy" else SYNTHETIC_NOTE)
+    if "SPEED.CACHE_DIR" not in opts[::2]:
+        # decoded test images and frozen-encoder features, shared by every run of this output
+        opts = ["SPEED.CACHE_DIR", str(Path(args.output) / "cache")] + opts
     backbone = args.clip or WORLD_BACKBONES.get(world, B.DEFAULT_BACKBONE)
     backbone_id = B.backbone_fingerprint(backbone)
     specs = protocols.expand(args.protocol, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
@@ -435,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run"] + argv
     args = build_parser().parse_args(argv)
     _interrupt_on_sigterm()
-    commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list}
+    commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

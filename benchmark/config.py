@@ -88,6 +88,17 @@ def get_cfg_default() -> CN:
 
     cfg.TRAINER = CN()
     cfg.TRAINER.NAME = ""
+
+    # Exact fast paths (benchmark.speed): none of them changes a number, so none is part
+    # of a run's identity; each can be switched off to prove it (SPEED.<NAME> False).
+    cfg.SPEED = CN()
+    cfg.SPEED.ENABLED = True  # False: every fast path off (the plain, official computation)
+    cfg.SPEED.TRUNCATE_TEXT = True  # prompts cut to the longest real token sequence
+    cfg.SPEED.FROZEN_TEXT = True  # frozen text layers below the first trained one run once per class set
+    cfg.SPEED.FEATURE_CACHE = True  # test features of a frozen image encoder, on disk, shared by runs
+    cfg.SPEED.IMAGE_CACHE = True  # test images decoded and cropped once into a uint8 memory map
+    cfg.SPEED.EVAL_BATCH_SIZE = 0  # > 0: evaluation batch size (0: DATALOADER.TEST.BATCH_SIZE)
+    cfg.SPEED.CACHE_DIR = ""  # where the disk caches live ("" : <output>/cache from the command line)
     return cfg
 
 

@@ -47,7 +47,8 @@ DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_SHOTS = 16
 FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
 # keys that do not change any number: left out of a run's identity
-_NOT_IDENTITY = ("OUTPUT_DIR", "DATASET.ROOT", "DATALOADER.NUM_WORKERS", "TRAIN.PRINT_FREQ", "USE_CUDA")
+_NOT_IDENTITY = ("OUTPUT_DIR", "DATASET.ROOT", "DATALOADER.NUM_WORKERS", "TRAIN.PRINT_FREQ", "USE_CUDA",
+                 "SPEED")
 
 
 class ProtocolError(ValueError):

@@ -24,13 +24,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from benchmark import speed
 from benchmark.backbone import clip_info, load_clip, resolve_device
 from benchmark.protocols import RunSpec, config_node
 from benchmark.transforms import build_test_transform, build_train_transform
@@ -88,9 +89,9 @@ def train_loader(data: Sequence[Datum], cfg, device: torch.device) -> DataLoader
                       pin_memory=device.type == "cuda")
 
 
-def test_loader(data: Sequence[Datum], cfg, device: torch.device) -> DataLoader:
+def test_loader(data: Sequence[Datum], cfg, device: torch.device, batch_size: int | None = None) -> DataLoader:
     dataset = ImageList(data, build_test_transform(cfg))
-    return DataLoader(dataset, batch_size=int(cfg.DATALOADER.TEST.BATCH_SIZE),
+    return DataLoader(dataset, batch_size=batch_size or int(cfg.DATALOADER.TEST.BATCH_SIZE),
                       sampler=SequentialSampler(dataset), num_workers=_workers(cfg, device),
                       drop_last=False, pin_memory=device.type == "cuda")
 
@@ -224,6 +225,7 @@ class FitContext:
     cfg: object
     device: torch.device
     precision: str
+    backbone_id: str | None = None
 
     def train_loader(self, data: Sequence[Datum] | None = None) -> DataLoader:
         """Shuffled, augmented (the config's train transforms), ``TRAIN_X.BATCH_SIZE``."""
@@ -235,6 +237,12 @@ class FitContext:
 
     def autocast(self, training: bool = False):
         return _autocast(self.device, self.precision, training)
+
+    def frozen_features(self, model: Method, data: Sequence[Datum]) -> torch.Tensor:
+        """``model.image_features`` of the test-transformed images of ``data`` (no
+        augmentation), in order, under evaluation precision; shared through the feature
+        cache when the method's image tower is frozen (``frozen_image_features``)."""
+        return image_features(model, data, self.cfg, self.device, self.precision, self.backbone_id)
 
 
 def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
@@ -302,20 +310,65 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
     }
 
 
+def _uses_feature_cache(model: Method, cfg, backbone_id: str | None) -> bool:
+    return (bool(model.frozen_image_features) and backbone_id is not None
+            and speed.cache_dir(cfg) is not None and speed.enabled(cfg, "FEATURE_CACHE"))
+
+
 @torch.no_grad()
-def predict(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str) -> np.ndarray:
+def image_features(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
+                   backbone_id: str | None = None) -> torch.Tensor:
+    """``model.image_features`` of every test-transformed image of ``data``, in order."""
+    from benchmark import feature_cache
+
+    batch = speed.eval_batch_size(cfg)
     model.eval()
-    preds = []
-    for images, _ in test_loader(data, cfg, device):
+    if _uses_feature_cache(model, cfg, backbone_id):
+        key = feature_cache.feature_key(data, cfg, backbone_id=backbone_id, weight_dtype=model.dtype,
+                                        precision=precision, device=device)
+        return feature_cache.frozen_features(model.image_features, data, cfg, device, key=key, batch_size=batch,
+                                             autocast=lambda: _autocast(device, precision, training=False))
+    parts = []
+    for images in feature_cache.image_batches(data, cfg, device, batch):
         with _autocast(device, precision, training=False):
-            logits = model(images.to(device, non_blocking=True))
-        preds.append(logits.argmax(dim=-1).cpu())
+            parts.append(model.image_features(images))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def batch_logits(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
+                 backbone_id: str | None = None) -> Iterator[torch.Tensor]:
+    """The model's logits on ``data``, batch by batch, in order.
+
+    Fast paths (``benchmark.speed``): a method whose image tower is frozen gets its test
+    features from the feature cache and runs only its head on them; the others get their
+    images from the decoded-image cache.  With every fast path off this is the plain
+    loop: the test loader, then ``model(images)``."""
+    from benchmark import feature_cache
+
+    model.eval()
+    batch = speed.eval_batch_size(cfg)
+    if _uses_feature_cache(model, cfg, backbone_id):
+        features = image_features(model, data, cfg, device, precision, backbone_id)
+        for chunk in features.split(batch):
+            with _autocast(device, precision, training=False):
+                yield model.logits_from_features(chunk)
+        return
+    for images in feature_cache.image_batches(data, cfg, device, batch):
+        with _autocast(device, precision, training=False):
+            yield model(images)
+
+
+def predict(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
+            backbone_id: str | None = None) -> np.ndarray:
+    preds = [logits.argmax(dim=-1).cpu() for logits in batch_logits(model, data, cfg, device, precision, backbone_id)]
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
-def evaluate(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str) -> dict:
+def evaluate(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
+             backbone_id: str | None = None) -> dict:
     start = time.perf_counter()
-    preds = predict(model, data, cfg, device, precision)
+    preds = predict(model, data, cfg, device, precision, backbone_id)
     metrics = classification_metrics(np.array([d.label for d in data]), preds)
     metrics["seconds"] = time.perf_counter() - start
     return metrics
@@ -403,7 +456,8 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         log.info("%s: weights restored from %s; evaluating the missing targets only", spec.label, checkpoint)
     elif model.fit is not None:
         fit_start = time.perf_counter()
-        report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision)) or {}
+        report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision,
+                                      spec.backbone_id)) or {}
         # a method with its own loop reports its steps, losses and learned parameters
         result = TrainResult(list(report.get("epoch_losses", [])), list(report.get("learning_rates", [])),
                              int(report.get("steps", 0)), time.perf_counter() - fit_start, fit=report or None)
@@ -430,7 +484,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                 metrics[ev.name] = {"status": "not_applicable", "reason": str(exc), "n_classes": len(names)}
                 log.info("%s %s: not applicable (%s)", spec.label, ev.name, exc)
                 continue
-        metrics[ev.name] = evaluate(model, data, cfg, device, precision)
+        metrics[ev.name] = evaluate(model, data, cfg, device, precision, spec.backbone_id)
         metrics[ev.name]["n_classes"] = len(names)
         log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
 

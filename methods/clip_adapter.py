@@ -58,6 +58,7 @@ class Adapter(nn.Module):
 class CLIPAdapter(Method):
     trainable = ("adapter.",)
     official_module = "adapter"
+    frozen_image_features = True
 
     def __init__(self, clip, classnames, cfg):
         super().__init__(clip, classnames, cfg)
@@ -70,10 +71,13 @@ class CLIPAdapter(Method):
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
-        self.text_features = encode_template(self.clip, self.template, self.classnames)
+        self.text_features = encode_template(self.clip, self.template, self.classnames,
+                                             truncate=self.fast("TRUNCATE_TEXT"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.clip.encode_image(images.to(self.dtype))
+        return self.logits_from_features(self.image_features(images))
+
+    def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
         image = self.ratio * self.adapter(image) + (1 - self.ratio) * image
         image = image / image.norm(dim=-1, keepdim=True)
         text = self.text_features / self.text_features.norm(dim=-1, keepdim=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from methods.coop import CoOp
 from methods.coop import PromptLearner as CoOpPromptLearner
-from methods.registry import Method, encode_text_embeddings, register_method
+from methods.registry import Method, register_method
 
 MAX_PROMPTS_PER_PASS = 4096
 
@@ -72,7 +72,9 @@ class CoCoOp(CoOp):
         self.prompt_learner = PromptLearner(clip, classnames, opts)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.clip.encode_image(images.to(self.dtype))
+        return self.logits_from_features(self.image_features(images))
+
+    def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
         image = image / image.norm(dim=-1, keepdim=True)
         learner = self.prompt_learner
         prompts = learner(image)  # (B, n_cls, L, width)
@@ -80,7 +82,7 @@ class CoCoOp(CoOp):
         tokens = learner.tokenized_prompts
         per_pass = max(1, MAX_PROMPTS_PER_PASS // n_cls)  # images per text-encoder pass
         text = torch.cat([
-            encode_text_embeddings(self.clip, chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1))
+            self.encode_prompts(chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1))
             .view(chunk.shape[0], n_cls, -1)
             for chunk in prompts.split(per_pass)
         ])

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, encode_text_embeddings, register_method
+from methods.registry import Method, register_method
 
 
 def _name_lengths(names: Sequence[str]) -> list[int]:
@@ -102,6 +102,7 @@ class CoOp(Method):
     trainable = ("prompt_learner.",)
     official_module = "prompt_learner"
     official_ignore = ("token_prefix", "token_suffix")
+    frozen_image_features = True
 
     def __init__(self, clip, classnames, cfg):
         super().__init__(clip, classnames, cfg)
@@ -112,9 +113,11 @@ class CoOp(Method):
         self.prompt_learner.embed_classnames(self.clip, classnames)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.clip.encode_image(images.to(self.dtype))
+        return self.logits_from_features(self.image_features(images))
+
+    def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
         learner = self.prompt_learner
-        text = encode_text_embeddings(self.clip, learner(), learner.tokenized_prompts)
+        text = self.encode_prompts(learner(), learner.tokenized_prompts)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         return self.clip.logit_scale.exp() * image @ text.t()

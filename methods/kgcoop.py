@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from benchmark.backbone import tokenize
 from methods.coop import CoOp, PromptLearner
-from methods.registry import Method, encode_text_embeddings, register_method
+from methods.registry import Method, encode_tokens, register_method
 from methods.zsclip import dataset_template
 
 INIT_WORDS = "a photo of a"  # the official code uses these words whenever CTX_INIT is true
@@ -112,7 +112,7 @@ class KgCoOp(CoOp):
     def embed_handcrafted(self, classnames: Sequence[str]) -> None:
         prompts = [self.template.format(name.replace("_", " ")) for name in classnames]
         clip = self._handcrafted_clip()
-        features = clip.encode_text(tokenize(prompts).to(clip.logit_scale.device))
+        features = encode_tokens(clip, tokenize(prompts).to(clip.logit_scale.device), truncate=self.fast("TRUNCATE_TEXT"))
         self.handcrafted_features = features / features.norm(dim=-1, keepdim=True)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -121,10 +121,9 @@ class KgCoOp(CoOp):
         self._score = None
 
     # -- forward and loss --------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.clip.encode_image(images.to(self.dtype))
+    def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
         learner = self.prompt_learner
-        text = encode_text_embeddings(self.clip, learner(), learner.tokenized_prompts)
+        text = self.encode_prompts(learner(), learner.tokenized_prompts)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         # the regulariser depends on the prompts only; kept for ``loss`` of this step

@@ -34,7 +34,6 @@ the logits give scikit-learn's predictions exactly).  The official code saves no
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import warnings
@@ -136,6 +135,7 @@ class LinearHead(nn.Module):
     paper="Learning to Prompt for Vision-Language Models (IJCV 2022)", paper_name="Linear probe CLIP",
     code="the CoOp code base, lpclip/feat_extractor.py and lpclip/linear_probe.py")
 class LinearProbeCLIP(Method):
+    frozen_image_features = True
     trainable = ()  # nothing trains by gradient; ``fit`` solves for the head
     official_module = "head"  # no official format exists: this is the harness's own
 
@@ -146,33 +146,27 @@ class LinearProbeCLIP(Method):
         self._fitted: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
 
     # -- features and logits -----------------------------------------------------------
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        # the official extractor takes the image tower's output as it is (no normalisation)
-        return self.clip.encode_image(images.to(self.dtype))
+    # the official extractor takes the image tower's output as it is (no normalisation)
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.image_features(images))
 
-    @torch.no_grad()
-    def extract(self, loader, autocast=contextlib.nullcontext) -> tuple[np.ndarray, np.ndarray]:
-        """Features (float64, as the official script stores them) and labels of a loader."""
-        device = self.head.weight.device
-        feats, labels = [], []
-        for images, y in loader:
-            with autocast():
-                feats.append(self.image_features(images.to(device)).double().cpu())
-            labels.append(torch.as_tensor(y))
-        if not feats:
+    def extract(self, ctx, data) -> tuple[np.ndarray, np.ndarray]:
+        """Features (float64, as the official script stores them) and labels of test-transformed images."""
+        if not data:
             return np.zeros((0, self.dim)), np.zeros(0, dtype=np.int64)
-        return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
+        features = ctx.frozen_features(self, data).double().cpu().numpy()
+        return features, np.array([d.label for d in data], dtype=np.int64)
 
     # -- fitting -------------------------------------------------------------------------
     def fit(self, ctx) -> dict:
         opts = self.options
         self.eval()
-        train_x, train_y = self.extract(ctx.test_loader(ctx.train), lambda: ctx.autocast(False))
+        train_x, train_y = self.extract(ctx, ctx.train)
         val_data, val_source = self._validation_data(ctx)
-        val_x, val_y = self.extract(ctx.test_loader(val_data), lambda: ctx.autocast(False))
+        val_x, val_y = self.extract(ctx, val_data)
         if len(val_y) == 0:
             raise MethodError("The linear probe chooses its regularisation on the validation split, "
                               "but this dataset has no validation images.")

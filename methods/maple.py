@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, MethodError, encode_text_embeddings, register_method
+from methods.registry import Method, MethodError, register_method
 
 PREFIX = "prompt_learner."  # the learned module inside the official model
 FROZEN_PREFIXES = ("image_encoder.", "text_encoder.", "logit_scale")  # the frozen CLIP in official files
@@ -196,8 +196,8 @@ class MaPLe(Method):
         def place(x, prompt):  # tokens 1..n_ctx (after SOS)
             return torch.cat([x[:, :1], prompt.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + n_ctx:]], dim=1)
 
-        return encode_text_embeddings(
-            self.clip, prompts, learner.tokenized_prompts,
+        return self.encode_prompts(
+            prompts, learner.tokenized_prompts,
             lambda blocks, x, mask: _run_with_deep_prompts(blocks, x, mask, deep, place))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, encode_text_embeddings, grad_scale, register_method
+from methods.registry import Method, grad_scale, register_method
 
 
 def _build_adapters(d_model: int, n_layers: int, start: int, end: int, dim: int) -> nn.ModuleList:
@@ -65,6 +65,7 @@ class AdapterLearner(nn.Module):
         self.scale = float(opts.ADAPTER_SCALE)
         n_text, n_visual = len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks)
         start, end, dim = int(opts.ADAPTER_START), int(opts.ADAPTER_END), int(opts.ADAPTER_DIM)
+        self.start = start
         if not 0 <= start <= end <= min(n_text, n_visual):
             raise ValueError(f"MMA adapter layers {start}..{end} do not fit a backbone with "
                              f"{n_text} text and {n_visual} image blocks; set "
@@ -123,12 +124,14 @@ class MMA(Method):
         super().__init__(clip, classnames, cfg)
         self.adapter_learner = AdapterLearner(clip, classnames, self.options)
         self._text_cache: torch.Tensor | None = None
+        self._frozen_text: tuple[tuple, torch.Tensor] | None = None
 
     # -- class names -------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
         self.adapter_learner.embed_classnames(self.clip, classnames)
         self._text_cache = None
+        self._frozen_text = None
 
     def on_weights_loaded(self) -> None:
         self._text_cache = None
@@ -140,21 +143,41 @@ class MMA(Method):
     # -- encoders ----------------------------------------------------------------
     def _run_blocks(self, tower: str, blocks, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
         learner = self.adapter_learner
-        for index, block in enumerate(blocks, start=1):
+        first = 1
+        if tower == "text" and learner.start >= 2 and self.fast("FROZEN_TEXT"):
+            # the prompt is fixed and no adapter acts below block `start`: those blocks'
+            # output is the same at every step
+            x = self._frozen_text_prefix(blocks[:learner.start - 1], x, attn_mask)
+            first = learner.start
+        for index in range(first, len(blocks) + 1):
+            block = blocks[index - 1]
             y = learner.branch(tower, index, x, block.ln_1)
             x = block(x, attn_mask=attn_mask)
             if y is not None:
                 x = x + y
         return x
 
+    @torch.no_grad()
+    def _frozen_text_prefix(self, blocks, x: torch.Tensor, attn_mask) -> torch.Tensor:
+        """The output of the frozen text blocks below the first adapter, computed once per
+        class set, input length, precision and device (the FROZEN_TEXT fast path)."""
+        kind = x.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        key = (tuple(x.shape), x.dtype, x.device, autocast)
+        if self._frozen_text is None or self._frozen_text[0] != key:
+            for block in blocks:
+                x = block(x, attn_mask=attn_mask)
+            self._frozen_text = (key, x)
+        return self._frozen_text[1]
+
     def encode_text(self) -> torch.Tensor:
-        clip, learner = self.clip, self.adapter_learner
+        learner = self.adapter_learner
         x = learner.token_embedding
         y = learner.branch("text", 0, x, None)
         if y is not None:
             x = x + y
-        return encode_text_embeddings(clip, x, learner.tokenized_prompts,
-                                      lambda blocks, h, mask: self._run_blocks("text", blocks, h, mask))
+        return self.encode_prompts(x, learner.tokenized_prompts,
+                                   lambda blocks, h, mask: self._run_blocks("text", blocks, h, mask))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual

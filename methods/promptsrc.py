@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, MethodError, copy_checked, encode_text_embeddings, register_method
+from methods.registry import Method, MethodError, copy_checked, encode_tokens, register_method
 
 # the 60 templates the official trainer averages for the frozen text features (every dataset)
 IMAGENET_TEMPLATES = (
@@ -225,7 +225,7 @@ class PromptSRC(Method):
 
     def encode_text(self) -> torch.Tensor:
         learner = self.prompt_learner
-        return encode_text_embeddings(self.clip, learner(), learner.tokenized_prompts, self._text_blocks)
+        return self.encode_prompts(learner(), learner.tokenized_prompts, self._text_blocks)
 
     def encode_image(self, images: torch.Tensor, prompted: bool = True) -> torch.Tensor:
         visual, learner = self.clip.visual, self.prompt_learner
@@ -272,7 +272,8 @@ class PromptSRC(Method):
             for start in range(0, len(IMAGENET_TEMPLATES), per_pass):
                 templates = IMAGENET_TEMPLATES[start:start + per_pass]
                 tokens = tokenize([t.replace("{}", name) for t in templates for name in names]).to(device)
-                features.append(clip.encode_text(tokens).view(len(templates), len(names), -1))
+                features.append(encode_tokens(clip, tokens, truncate=self.fast("TRUNCATE_TEXT"))
+                                .view(len(templates), len(names), -1))
             self._fixed_text = torch.cat(features).transpose(0, 1).mean(dim=1)  # (classes, templates, d) -> mean
         return self._fixed_text
 

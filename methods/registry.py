@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
+from benchmark import speed
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN_MODULES = ("methods.zsclip", "methods.coop", "methods.cocoop", "methods.mma", "methods.maple",
                    "methods.linear_probe", "methods.tip_adapter", "methods.kgcoop", "methods.clip_adapter",
@@ -148,16 +150,29 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _GradScale.apply(x, scale)
 
 
+def eot_length(tokens: torch.Tensor) -> int:
+    """Positions up to and including the last end-of-text token of a batch of prompts
+    (the end-of-text token has the largest id; the padding after it is zeros)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
 def encode_text_embeddings(clip: nn.Module, prompts: torch.Tensor, tokens: torch.Tensor,
-                           run_blocks: Callable | None = None) -> torch.Tensor:
+                           run_blocks: Callable | None = None, *, truncate: bool = False) -> torch.Tensor:
     """CLIP's text transformer on prompt *embeddings* (learned or adapted), as the official
     prompt-learning trainers run it: + positional embedding, the causal blocks, ln_final,
     the features at each end-of-text token, the text projection.
 
     ``run_blocks(blocks, x, attn_mask) -> x`` replaces the plain pass through the blocks
-    (methods that act inside them, such as adapters)."""
-    x = prompts + clip.positional_embedding.to(prompts.dtype)
+    (methods that act inside them, such as adapters).  ``truncate`` (the TRUNCATE_TEXT
+    fast path) drops the positions after the longest prompt's end-of-text token: the
+    causal mask keeps them from reaching the features that are read."""
     mask = clip.attn_mask
+    positional = clip.positional_embedding
+    if truncate:
+        length = eot_length(tokens)
+        prompts, positional = prompts[:, :length], positional[:length]
+        mask = mask[:length, :length] if mask is not None else None
+    x = prompts + positional.to(prompts.dtype)
     mask = mask.to(x.dtype) if mask is not None and mask.is_floating_point() else mask
     if run_blocks is None:
         for block in clip.transformer.resblocks:
@@ -166,6 +181,15 @@ def encode_text_embeddings(clip: nn.Module, prompts: torch.Tensor, tokens: torch
         x = run_blocks(clip.transformer.resblocks, x, mask)
     x = clip.ln_final(x).to(prompts.dtype)
     return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ clip.text_projection
+
+
+def encode_tokens(clip: nn.Module, tokens: torch.Tensor, *, truncate: bool = False) -> torch.Tensor:
+    """``clip.encode_text(tokens)``; with ``truncate``, the same features through the
+    truncated path (the token embeddings cast as CLIP's own text path casts them)."""
+    if not truncate:
+        return clip.encode_text(tokens)
+    dtype = clip.transformer.get_cast_dtype()
+    return encode_text_embeddings(clip, clip.token_embedding(tokens).to(dtype), tokens, truncate=True)
 
 
 def copy_checked(state: dict, own: dict, missing: Sequence[str], what: str, options: str) -> None:
@@ -222,6 +246,15 @@ class Method(nn.Module):
     def precision(self) -> str:
         return str(self.options.get("PREC", "fp32"))
 
+    def fast(self, name: str) -> bool:
+        """Whether the exact fast path ``SPEED.<name>`` is on (``benchmark.speed``)."""
+        return speed.enabled(self.cfg, name)
+
+    def encode_prompts(self, prompts: torch.Tensor, tokens: torch.Tensor,
+                       run_blocks: Callable | None = None) -> torch.Tensor:
+        """``encode_text_embeddings`` with this run's text fast path."""
+        return encode_text_embeddings(self.clip, prompts, tokens, run_blocks, truncate=self.fast("TRUNCATE_TEXT"))
+
     # -- hooks -------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -232,6 +265,20 @@ class Method(nn.Module):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Rebuild whatever depends on the class names (novel classes, other datasets)."""
         raise NotImplementedError(f"{type(self).__name__} cannot change its class names")
+
+    # Methods whose image features are exactly the frozen tower's output (``image_features``
+    # below, never trained, never prompted) say so and split ``forward`` into
+    # ``image_features`` and ``logits_from_features``: evaluation then shares test features
+    # across methods and seeds through the feature cache (benchmark.feature_cache).
+    frozen_image_features = False
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's output for normalised images (in CLIP's dtype)."""
+        return self.clip.encode_image(images.to(self.dtype))
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from ``image_features`` (methods with ``frozen_image_features``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not classify precomputed features")
 
     # Methods that do not train by the trainer's loop (training-free, closed-form, or an
     # official loop of their own) define ``fit(self, ctx: trainer.FitContext) -> dict | None``;

@@ -62,7 +62,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, MethodError, register_method
+from methods.registry import Method, MethodError, encode_tokens, register_method
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,18 @@ def tip_templates(dataset: str, root: str = "", override: Sequence[str] = ()) ->
     return [dataset_template(dataset, root)]
 
 
+def _normalized(features: torch.Tensor) -> torch.Tensor:
+    return features / features.norm(dim=-1, keepdim=True)
+
+
 @torch.no_grad()
 def clip_classifier(clip: nn.Module, classnames: Sequence[str], templates: Sequence[str],
-                    chunk: int = 1000) -> torch.Tensor:
+                    chunk: int = 1000, *, truncate: bool = False) -> torch.Tensor:
     """(C, D): per class, the mean of the normalised template embeddings, normalised."""
     device = clip.logit_scale.device
     texts = [t.format(name.replace("_", " ")) for name in classnames for t in templates]
-    parts = [clip.encode_text(tokenize(texts[i:i + chunk]).to(device)) for i in range(0, len(texts), chunk)]
+    parts = [encode_tokens(clip, tokenize(texts[i:i + chunk]).to(device), truncate=truncate)
+             for i in range(0, len(texts), chunk)]
     emb = torch.cat(parts).view(len(classnames), len(templates), -1)
     emb = emb / emb.norm(dim=-1, keepdim=True)
     mean = emb.mean(dim=1)
@@ -179,6 +184,8 @@ def _shots_of(path: Path) -> int | None:
 class TipAdapter(Method):
     """Zero-shot logits plus the cache term; ``fit`` builds the cache and searches alpha, beta."""
 
+    frozen_image_features = True
+
     trainable = ()  # nothing trains in the trainer's loop; the cache is built in ``fit``
     finetune = False
 
@@ -188,7 +195,7 @@ class TipAdapter(Method):
         self.templates = tip_templates(cfg.DATASET.NAME, cfg.DATASET.ROOT, list(opts.TEMPLATES))
         self.alpha, self.beta = float(opts.INIT_ALPHA), float(opts.INIT_BETA)
         self.cache_classnames: list[str] = []  # the classes the values are one-hot over
-        text = clip_classifier(clip, self.classnames, self.templates)
+        text = clip_classifier(clip, self.classnames, self.templates, truncate=self.fast("TRUNCATE_TEXT"))
         self._text_classnames = list(self.classnames)
         dim = text.shape[1]
         self.register_buffer("text_weights", text, persistent=False)
@@ -201,8 +208,7 @@ class TipAdapter(Method):
 
     # -- inference ---------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.clip.encode_image(images.to(self.dtype))
-        return features / features.norm(dim=-1, keepdim=True)
+        return _normalized(self.image_features(images))
 
     @property
     def keys(self) -> torch.Tensor:
@@ -217,14 +223,20 @@ class TipAdapter(Method):
         return tip_logits(features, text, keys.to(text.dtype), self.cache_values.to(text.dtype),
                           self.alpha if alpha is None else alpha, self.beta if beta is None else beta)
 
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits_of(_normalized(features))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_of(self.encode(images))
 
     # -- class names ---------------------------------------------------------------------------
+    def _classifier(self) -> torch.Tensor:
+        return clip_classifier(self.clip, self.classnames, self.templates, truncate=self.fast("TRUNCATE_TEXT"))
+
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
-        self.text_weights = clip_classifier(self.clip, self.classnames, self.templates).to(self.text_weights.dtype)
+        self.text_weights = self._classifier().to(self.text_weights.dtype)
         self._text_classnames = list(self.classnames)
         self._remap_values()
 
@@ -258,8 +270,7 @@ class TipAdapter(Method):
     def on_weights_loaded(self) -> None:
         if self._text_classnames != self.classnames:
             with torch.no_grad():
-                self.text_weights = clip_classifier(self.clip, self.classnames, self.templates).to(
-                    self.text_weights.dtype)
+                self.text_weights = self._classifier().to(self.text_weights.dtype)
             self._text_classnames = list(self.classnames)
         self._remap_values()
 
@@ -321,14 +332,9 @@ class TipAdapter(Method):
             return None, None, "the dataset has no validation split (its val is the test set)"
         if not ctx.val:
             return None, None, "no validation images"
-        features, labels = [], []
-        self.eval()
-        with torch.no_grad():
-            for images, target in ctx.test_loader(ctx.val):
-                with ctx.autocast(training=False):
-                    features.append(self.encode(images.to(ctx.device)).to(self.text_weights.dtype))
-                labels.append(target)
-        return torch.cat(features), torch.cat(labels).to(ctx.device), ""
+        features = _normalized(ctx.frozen_features(self, ctx.val)).to(self.text_weights.dtype)
+        labels = torch.tensor([d.label for d in ctx.val], dtype=torch.long, device=ctx.device)
+        return features, labels, ""
 
     def _search(self, features, labels, keys, report: dict) -> None:
         opts = self.options

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, register_method
+from methods.registry import Method, encode_tokens, register_method
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -34,11 +34,11 @@ def dataset_template(name: str, root: str = "") -> str:
 
 
 @torch.no_grad()
-def encode_template(clip, template: str, classnames: Sequence[str]) -> torch.Tensor:
+def encode_template(clip, template: str, classnames: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
     """CLIP's text features (not normalised) of the template filled with each class name
     ("_" read as a space), as the official trainers write their hand-made prompts."""
     prompts = [template.format(c.replace("_", " ")) for c in classnames]
-    return clip.encode_text(tokenize(prompts).to(clip.logit_scale.device))
+    return encode_tokens(clip, tokenize(prompts).to(clip.logit_scale.device), truncate=truncate)
 
 
 @register_method("zsclip", node="ZSCLIP", defaults=dict(PREC="fp16", TEMPLATE=""),
@@ -46,6 +46,7 @@ def encode_template(clip, template: str, classnames: Sequence[str]) -> torch.Ten
                  paper_name="CLIP", code="the CoOp code base, trainers/zsclip.py")
 class ZeroShotCLIP(Method):
     trainable = ()
+    frozen_image_features = True
 
     def __init__(self, clip, classnames, cfg):
         super().__init__(clip, classnames, cfg)
@@ -56,8 +57,11 @@ class ZeroShotCLIP(Method):
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
-        self.text_features = F.normalize(encode_template(self.clip, self.template, self.classnames), dim=-1)
+        self.text_features = F.normalize(encode_template(self.clip, self.template, self.classnames,
+                                                              truncate=self.fast("TRUNCATE_TEXT")), dim=-1)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.clip.logit_scale.exp() * F.normalize(features, dim=-1) @ self.text_features.t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image_features = F.normalize(self.clip.encode_image(images.to(self.dtype)), dim=-1)
-        return self.clip.logit_scale.exp() * image_features @ self.text_features.t()
+        return self.logits_from_features(self.image_features(images))

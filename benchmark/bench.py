@@ -1,0 +1,397 @@
+"""``python run.py bench``: speed and memory of each method, every fast path against the plain path.
+
+Everything is measured in one process, on one device, several times (the median is
+reported):
+
+* ``text_ms``: one training step's text side (prompt assembly, text transformer forward
+  and backward) for ``--text-classes`` class names, for methods that train through the
+  text encoder;
+* ``train_img_s``: full training steps (forward, loss, backward, optimiser) on random
+  images at the method's batch size and the official precision;
+* ``eval_img_s``: evaluation of the test split of a dataset written on disk (real JPEG
+  files through the real loaders); the fast path is timed with its caches filled (as
+  every run after the first one of a sweep finds them), ``eval_cold_img_s`` with empty ones;
+* ``run_s``: one complete base-to-novel run (training, base and novel evaluation, the
+  record) on that dataset, through the same ``execute`` as a sweep: plain, fast with
+  empty caches (the first seed of a sweep) and fast with filled ones (every later seed);
+* ``peak_mb``: peak GPU memory of the training steps (CUDA only);
+* ``tflops`` and ``peak_share``: the training step's floating-point work (counted by
+  torch's FLOP counter) per second, and its share of the device's peak (CUDA only).
+
+Results go to ``<output>/bench/<time>-<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# dense fp16/bf16 tensor-core peaks (TFLOP/s) of the accelerators the numbers are read on
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+MODES = ("plain", "fast")
+
+
+@dataclass
+class BenchSettings:
+    methods: list[str]
+    backbone: str = "tiny-clip-12"
+    device: str | None = None
+    output: Path = Path("results")
+    classes: int = 20  # classes of the bench dataset (half are base, half novel)
+    shots: int = 16
+    test_per_class: int = 10
+    image_px: int = 256  # side of the JPEGs written (real datasets are a few hundred pixels)
+    text_classes: int = 1000  # class names in the text-side measurement (ImageNet has 1000)
+    epochs: int = 0  # > 0: override the training epochs of the complete run
+    repeats: int = 3
+    run_repeats: int = 0  # repetitions of the complete runs (0: as ``repeats``)
+    steps: int = 5  # training steps per timed repetition
+    peak_tflops: float = 0.0  # 0: look the device up in PEAK_TFLOPS
+    skip_run: bool = False
+    opts: list[str] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def class_names(n: int) -> list[str]:
+    """Made-up class names of ImageNet-like token lengths (two to six words)."""
+    words = ["red", "tailed", "spotted", "northern", "grey", "sea", "mountain", "striped", "giant",
+             "crested", "desert", "long", "horned", "river", "snow", "golden", "black", "water"]
+    things = ["heron", "lizard", "beetle", "warbler", "terrier", "moth", "crab", "finch", "snake",
+              "spaniel", "frog", "hawk", "orchid", "mushroom", "turtle", "owl", "lemur", "shark"]
+    names = []
+    for i in range(n):
+        extra = [words[(i * 7 + k) % len(words)] for k in range(i % 4)]
+        names.append(" ".join(extra + [words[i % len(words)], things[(i // len(words)) % len(things)], f"{i}"]))
+    return names
+
+
+def write_bench_dataset(root: Path, s: BenchSettings) -> Path:
+    """A Caltech101-layout dataset of real JPEG files (written once per size)."""
+    from datasets.synthetic import MARKER, write_synthetic_dataset
+
+    tag = f"c{s.classes}-k{s.shots}-t{s.test_per_class}-p{s.image_px}"
+    data = root / tag
+    done = data / "written.json"
+    if not done.is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        write_synthetic_dataset("caltech101", data, names=class_names(s.classes), n_train=s.shots,
+                                n_val=min(4, s.shots), n_test=s.test_per_class, image_size=s.image_px)
+        (data / MARKER).write_text(json.dumps({"world": "synthetic"}) + "\n")
+        done.write_text(json.dumps(asdict(s), default=str) + "\n")
+    return data
+
+
+# -- measurements ---------------------------------------------------------------------------
+def _config(method: str, s: BenchSettings, mode: str, cache_dir: Path, image_size: int):
+    import benchmark
+
+    cfg = benchmark.make_config(method, "caltech101", **{"SPEED.ENABLED": mode == "fast",
+                                                         "SPEED.CACHE_DIR": str(cache_dir)})
+    from benchmark.config import merge_opts
+
+    merge_opts(cfg, s.opts)
+    cfg.INPUT.SIZE = (image_size, image_size)
+    cfg.freeze()
+    return cfg
+
+
+def _text_pass(model) -> Callable[[], torch.Tensor] | None:
+    """The text side of a training step, for methods that train through the text encoder."""
+    learner = getattr(model, "prompt_learner", None)
+    if type(model).__name__ == "CoCoOp":
+        return None  # its prompts depend on each image: measured by the training step
+    if hasattr(model, "encode_text") and callable(model.encode_text) and model.trainable_parameters():
+        return model.encode_text
+    if learner is not None and model.trainable_parameters():
+        return lambda: model.encode_prompts(learner(), learner.tokenized_prompts)
+    return None
+
+
+def measure_method(method: str, clip: torch.nn.Module, s: BenchSettings, device: torch.device,
+                   cache_dir: Path, data_root: Path, backbone_id: str) -> dict:
+    from benchmark import trainer
+    from benchmark.backbone import clip_info
+    from datasets.base import build_dataset
+    from methods.registry import ClassesNotSupported, build_method, get_method
+
+    size = clip_info(clip)["image_size"]
+    info = get_method(method)
+    base = build_dataset("caltech101", data_root, num_shots=s.shots, seed=1, subsample="base")
+    everything = build_dataset("caltech101", data_root, num_shots=0, seed=1, subsample="all")
+    out: dict = {"method": method}
+    for mode in MODES:
+        cfg = _config(method, s, mode, cache_dir, size)
+        precision = trainer.effective_precision(str(cfg.TRAINER[info.node].get("PREC", "fp32")), device)
+        out["precision"] = precision
+        model_clip = trainer.cast_clip(copy.deepcopy(clip), precision)
+        torch.manual_seed(0)
+        # text side, at ImageNet's class count
+        big = build_method(method, copy.deepcopy(model_clip), class_names(s.text_classes), cfg).to(device)
+        text = _text_pass(big)
+        if text is not None:
+            big.train()
+
+            def text_step():
+                with trainer._autocast(device, precision, training=True):
+                    features = text()
+                features.float().sum().backward()
+
+            out[f"text_ms_{mode}"] = 1000 * _median_time(text_step, device, s.repeats)
+        # training steps on random images of the base classes
+        model = build_method(method, model_clip, base.classnames, cfg).to(device)
+        params = model.trainable_parameters()
+        if params and model.fit is None:
+            batch = int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+            images = torch.randn(batch, 3, size, size, device=device)
+            labels = torch.randint(0, len(base.classnames), (batch,), device=device)
+            optimizer = trainer.build_optimizer(params, cfg)
+            scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+
+            def step():
+                with trainer._autocast(device, precision, training=True):
+                    loss = model.loss(model(images), labels)
+                optimizer.zero_grad()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+
+            def steps():
+                for _ in range(s.steps):
+                    step()
+
+            model.train()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = _median_time(steps, device, s.repeats)
+            out[f"train_img_s_{mode}"] = s.steps * batch / seconds
+            if device.type == "cuda":
+                out[f"peak_mb_{mode}"] = torch.cuda.max_memory_allocated(device) / 2**20
+                flops = _step_flops(step)
+                out[f"tflops_{mode}"] = flops / (seconds / s.steps) / 1e12
+                peak = s.peak_tflops or _peak_tflops(device)
+                if peak:
+                    out[f"peak_share_{mode}"] = out[f"tflops_{mode}"] / peak
+        # evaluation of the test split (every class)
+        if model.fit is not None:
+            from benchmark.trainer import FitContext
+
+            model.fit(FitContext(base.train, base.val, cfg, device, precision, backbone_id))
+        test = everything.test
+        try:
+            model.set_classnames(everything.classnames)
+        except ClassesNotSupported:  # a linear probe knows its training classes only
+            test = base.test
+        n = out["eval_images"] = len(test)
+
+        def evaluation():
+            trainer.evaluate(model, test, cfg, device, precision, backbone_id)
+
+        if mode == "fast":
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            start = time.perf_counter()
+            evaluation()
+            _sync(device)
+            out["eval_cold_img_s_fast"] = n / (time.perf_counter() - start)
+        out[f"eval_img_s_{mode}"] = n / _median_time(evaluation, device, s.repeats, warmup=0 if mode == "plain" else 1)
+    for key in ("text_ms", "train_img_s", "eval_img_s"):
+        if f"{key}_plain" in out and f"{key}_fast" in out:
+            ratio = out[f"{key}_plain"] / out[f"{key}_fast"] if key == "text_ms" else out[f"{key}_fast"] / out[f"{key}_plain"]
+            out[f"{key}_speedup"] = ratio
+    return out
+
+
+def logit_gap(method: str, clip: torch.nn.Module, s: BenchSettings, device: torch.device,
+              cache_dir: Path, classnames: list[str]) -> dict:
+    """How far the fast path's logits are from the plain path's, on this device and at the
+    method's precision: before training, and after three optimiser steps on the same
+    batch (relative to the largest logit)."""
+    from benchmark import trainer
+    from benchmark.backbone import clip_info
+    from methods.registry import build_method, get_method
+
+    size = clip_info(clip)["image_size"]
+    info = get_method(method)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, size, size, generator=generator).to(device)
+    labels = torch.arange(4, device=device) % len(classnames)
+    logits = {}
+    for mode in MODES:
+        cfg = _config(method, s, mode, cache_dir, size)
+        precision = trainer.effective_precision(str(cfg.TRAINER[info.node].get("PREC", "fp32")), device)
+        torch.manual_seed(0)
+        model = build_method(method, trainer.cast_clip(copy.deepcopy(clip), precision), classnames, cfg).to(device)
+        params = model.trainable_parameters()
+        trained = model.fit is None and bool(params)
+        optimizer = trainer.build_optimizer(params, cfg) if trained else None
+        model.train()
+        outputs = []
+        for step in range(4 if trained else 1):
+            with trainer._autocast(device, precision, training=True):
+                out = model(images)
+                loss = model.loss(out, labels)
+            outputs.append(out.detach().float())
+            if trained and step < 3:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        logits[mode] = outputs
+    scale = logits["plain"][0].abs().max().item() or 1.0
+    gaps = [(a - b).abs().max().item() / scale for a, b in zip(logits["plain"], logits["fast"])]
+    return {"logit_gap": gaps[0], "logit_gap_after_steps": gaps[-1]}
+
+
+def _step_flops(step: Callable[[], None]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _peak_tflops(device: torch.device) -> float:
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return 0.0
+
+
+def measure_run(method: str, s: BenchSettings, device: torch.device, cache_dir: Path, data_root: Path,
+                backbone_id: str) -> dict:
+    """Wall time of complete base-to-novel runs through ``execute``: plain, fast with empty
+    caches, fast with the caches a first run left (another seed, as in a sweep)."""
+    from benchmark.protocols import base2novel
+    from benchmark.trainer import execute
+
+    def spec(seed: int, mode: str):
+        opts = ["DATALOADER.NUM_WORKERS", "4", "SPEED.CACHE_DIR", str(cache_dir), "SPEED.ENABLED", str(mode == "fast")]
+        if s.epochs > 0:
+            opts += ["OPTIM.MAX_EPOCH", str(s.epochs)]
+        return base2novel([method], ["caltech101"], [seed], s.shots, root=str(data_root), backbone=s.backbone,
+                          backbone_id=backbone_id, opts=opts + list(s.opts))[0]
+
+    out: dict = {}
+    for label, seed, mode, clear in (("plain", 1, "plain", True), ("fast_cold", 1, "fast", True),
+                                     ("fast", 2, "fast", False)):
+        times, accuracy = [], None
+        for _ in range((s.run_repeats or s.repeats) if label != "fast_cold" else 1):
+            if clear:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            start = time.perf_counter()
+            record = execute(spec(seed, mode), device)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            accuracy = (record["metrics"]["base"].get("accuracy"), record["metrics"]["novel"].get("accuracy"))
+        out[f"run_s_{label}"] = statistics.median(times)
+        out[f"run_acc_{label}"] = accuracy
+    # a time: the speed-up is plain over fast
+    out["run_s_speedup"] = out["run_s_plain"] / out["run_s_fast"]
+    out["run_s_speedup_cold"] = out["run_s_plain"] / out["run_s_fast_cold"]
+    return out
+
+
+def run_bench(s: BenchSettings, console=None) -> tuple[list[dict], Path]:
+    from benchmark import backbone as B
+    from benchmark.backbone import load_clip, resolve_device
+
+    device = resolve_device(s.device)
+    backbone_id = B.backbone_fingerprint(s.backbone)
+    workdir = Path(s.output) / "bench"
+    cache_dir = workdir / "cache"
+    data_root = write_bench_dataset(workdir / "data", s)
+    clip = load_clip(s.backbone, "cpu")
+    meta = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    device_tag = meta["device"].split(" (")[0].replace(" ", "_")
+    path = workdir / f"{time.strftime('%Y%m%d-%H%M%S')}-{device_tag}.json"
+    rows: list[dict] = []
+    for method in s.methods:
+        if console is not None:
+            console.print(f"bench: {method} on {s.backbone} ({device})")
+        row = measure_method(method, clip, s, device, cache_dir, data_root, backbone_id)
+        row.update(logit_gap(method, clip, s, device, cache_dir, class_names(8)))
+        if not s.skip_run:
+            row.update(measure_run(method, s, device, cache_dir, data_root, backbone_id))
+        rows.append(row)
+        # written after every method: an interrupted bench keeps what it measured
+        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+    return rows, path
+
+
+COLUMNS = [
+    ("text_ms", "text step (ms)", "{:.1f}"), ("train_img_s", "train (img/s)", "{:.1f}"),
+    ("eval_img_s", "eval (img/s)", "{:.0f}"), ("run_s", "b2n run (s)", "{:.1f}"),
+]
+
+
+def _pair(row: dict, key: str, fmt: str) -> str:
+    plain, fast = row.get(f"{key}_plain"), row.get(f"{key}_fast")
+    if plain is None or fast is None:
+        return "n/a"
+    speedup = row.get(f"{key}_speedup")
+    tail = f" ({speedup:.1f}x)" if speedup else ""
+    return f"{fmt.format(plain)} -> {fmt.format(fast)}{tail}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    header = ["method", "precision"] + [title for _, title, _ in COLUMNS] + [
+        "b2n run, cold caches (s)", "eval cold (img/s)", "peak MB", "TFLOP/s (share)", "logit gap (after 3 steps)",
+        "b2n accuracy plain / fast"]
+    lines = [f"Device: {meta['device']}; backbone {meta['settings']['backbone']}; torch {meta['torch']}. "
+             "Each cell: plain -> fast (speed-up).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], row.get("precision", "")]
+        for key, _, fmt in COLUMNS:
+            cells.append(_pair(row, key, fmt))
+        run_cold = row.get("run_s_fast_cold")
+        cells.append(f"{run_cold:.1f} ({row['run_s_speedup_cold']:.1f}x)" if run_cold else "n/a")
+        cold = row.get("eval_cold_img_s_fast")
+        cells.append(f"{cold:.0f}" if cold else "n/a")
+        mem = row.get("peak_mb_fast")
+        cells.append(f"{row.get('peak_mb_plain', 0):.0f} -> {mem:.0f}" if mem else "n/a")
+        flops = row.get("tflops_fast")
+        share = row.get("peak_share_fast")
+        cells.append(f"{flops:.1f} ({100 * share:.1f}%)" if flops and share else f"{flops:.1f}" if flops else "n/a")
+        cells.append(f"{row['logit_gap']:.1e} ({row['logit_gap_after_steps']:.1e})")
+        accs = [row.get(f"run_acc_{k}") for k in ("plain", "fast")]
+        cells.append(" / ".join("/".join("-" if v is None else f"{v:.2f}" for v in a) for a in accs)
+                     if all(accs) else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

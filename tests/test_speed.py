@@ -1,0 +1,197 @@
+"""Every fast path against the plain path (``benchmark.speed``): the same logits, the same
+gradients, the same training trajectory and the same records, on the tiny CLIP and
+datasets written on disk."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import benchmark
+from benchmark.trainer import batch_logits, execute, train
+from datasets.base import build_dataset
+
+# class names of very different token lengths, so that truncation cuts real padding
+NAMES = ["ox", "a rather long class name made of many separate words", "tabby cat"]
+PROMPT_METHODS = ["coop", "cocoop", "kgcoop", "maple", "promptsrc", "mma", "zsclip", "clip_adapter", "tip_adapter"]
+FROZEN_METHODS = ["zsclip", "coop", "cocoop", "kgcoop", "clip_adapter"]
+
+
+def _pair(name, clip, **fast):
+    """The same method built twice from the same seed: plain, and with the given fast paths."""
+    models = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        options = {f"SPEED.{k}": (v if on else False) for k, v in fast.items()}
+        models.append(benchmark.build(name, NAMES, clip=copy.deepcopy(clip), **options))
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    """Equal up to float32 rounding, relative to the tensor's scale."""
+    return bool((a - b).abs().max() <= tol * a.abs().max() + 1e-7)
+
+
+def _logits_and_grads(model, images):
+    model.train()
+    model.zero_grad()
+    logits = model(images)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params:
+        model.loss(logits, torch.tensor([0, 1, 2, 1])).backward()
+    return logits.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("name", PROMPT_METHODS)
+def test_truncated_prompts_give_the_same_logits_and_gradients(name, tiny_clip):
+    plain, fast = _pair(name, tiny_clip, TRUNCATE_TEXT=True, FROZEN_TEXT=False)
+    images = torch.randn(4, 3, 32, 32)
+    logits, grads = _logits_and_grads(plain, images)
+    fast_logits, fast_grads = _logits_and_grads(fast, images)
+    assert torch.allclose(logits, fast_logits, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(fast_grads)
+    for g, h in zip(grads, fast_grads):
+        assert _close(g, h)
+    with torch.no_grad():  # evaluation (cached text features where a method keeps them)
+        plain.eval(), fast.eval()
+        assert torch.allclose(plain(images), fast(images), atol=1e-5, rtol=1e-5)
+
+
+def test_truncation_really_shortens_the_text_pass(tiny_clip):
+    """The fast path runs the blocks on the longest real sequence, not on 77 positions."""
+    lengths = {}
+    for on in (False, True):
+        model = benchmark.build("coop", NAMES, clip=copy.deepcopy(tiny_clip), **{"SPEED.TRUNCATE_TEXT": on})
+        seen = []
+        hook = model.clip.transformer.resblocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        hook.remove()
+        lengths[on] = seen[0]
+    longest = int(model.prompt_learner.tokenized_prompts.argmax(dim=-1).max()) + 1
+    assert lengths == {False: 77, True: longest} and longest < 40
+
+
+def test_mma_frozen_text_layers_run_once_per_class_set_and_precision(tiny_clip):
+    plain, fast = _pair("mma", tiny_clip, FROZEN_TEXT=True)
+    first_block = fast.clip.transformer.resblocks[0]
+    calls = []
+    first_block.register_forward_hook(lambda m, i, o: calls.append(1))
+    images = torch.randn(4, 3, 32, 32)
+    for step in range(3):  # the same trajectory over a few SGD steps
+        logits, grads = _logits_and_grads(plain, images)
+        fast_logits, fast_grads = _logits_and_grads(fast, images)
+        assert torch.allclose(logits, fast_logits, atol=1e-5, rtol=1e-5)
+        for model, gs in ((plain, grads), (fast, fast_grads)):
+            with torch.no_grad():
+                for p, g in zip([p for p in model.parameters() if p.requires_grad], gs):
+                    p -= 100.0 * g
+    assert len(calls) == 1  # block 1 lies below the first adapter (layer 5): computed once
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: computed again, for it
+        assert torch.allclose(plain(images).float(), fast(images).float(), atol=1e-2)
+    assert len(calls) == 2
+    plain.set_classnames(["fox", "wolf"]), fast.set_classnames(["fox", "wolf"])
+    assert torch.allclose(plain(images), fast(images), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 3
+
+
+def _eval_cfg(name, cache_dir, **speed):
+    cfg = benchmark.make_config(name, "eurosat", **{"DATALOADER.NUM_WORKERS": 0, "SPEED.CACHE_DIR": str(cache_dir),
+                                                    **{f"SPEED.{k}": v for k, v in speed.items()}})
+    cfg.INPUT.SIZE = (32, 32)
+    cfg.freeze()
+    return cfg
+
+
+def _all_logits(model, data, cfg, backbone_id="tiny"):
+    return torch.cat(list(batch_logits(model, data, cfg, torch.device("cpu"), "fp32", backbone_id)))
+
+
+def test_feature_cache_gives_the_plain_logits_and_is_shared_by_every_frozen_method(tiny_clip, synthetic_root,
+                                                                                     tmp_path):
+    data = build_dataset("eurosat", synthetic_root, num_shots=0, seed=1, subsample="all")
+    for index, name in enumerate(FROZEN_METHODS):
+        torch.manual_seed(0)
+        model = benchmark.build(name, data.classnames, clip=copy.deepcopy(tiny_clip))
+        calls = []
+        model.clip.visual.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+        plain = _all_logits(model, data.test, _eval_cfg(name, tmp_path, ENABLED=False))
+        assert sum(calls) == len(data.test)
+        calls.clear()
+        fast = _all_logits(model, data.test, _eval_cfg(name, tmp_path, IMAGE_CACHE=False))
+        assert torch.allclose(plain, fast, atol=1e-5, rtol=1e-5)
+        # the first method encodes the test images once; every later one reads them back
+        assert sum(calls) == (len(data.test) if index == 0 else 0)
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 1
+
+
+def test_feature_cache_keys_and_damaged_entries(tiny_clip, synthetic_root, tmp_path):
+    from benchmark.feature_cache import feature_key
+
+    data = build_dataset("eurosat", synthetic_root, num_shots=0, seed=1, subsample="base")
+    cfg = _eval_cfg("zsclip", tmp_path, IMAGE_CACHE=False)
+    key = dict(backbone_id="tiny", weight_dtype=torch.float32, precision="fp32", device=torch.device("cpu"))
+    base = feature_key(data.test, cfg, **key)
+    assert base == feature_key(list(data.test), cfg, **key)
+    assert base != feature_key(data.test[::-1], cfg, **key)
+    for change in (dict(backbone_id="other"), dict(weight_dtype=torch.float16), dict(precision="bf16")):
+        assert base != feature_key(data.test, cfg, **{**key, **change})
+    other = cfg.clone()
+    other.defrost()
+    other.INPUT.INTERPOLATION = "bilinear"
+    assert base != feature_key(data.test, other, **key)
+
+    model = benchmark.build("zsclip", data.classnames, clip=copy.deepcopy(tiny_clip))
+    expected = _all_logits(model, data.test, cfg)
+    entry = tmp_path / "features" / f"{base}.pt"
+    assert entry.is_file()
+    entry.write_bytes(b"not a tensor file")  # damaged: recomputed, never trusted
+    assert torch.allclose(_all_logits(model, data.test, cfg), expected, atol=1e-6)
+    assert torch.load(entry, weights_only=True)["features"].shape[0] == len(data.test)
+
+
+def test_training_trajectory_is_the_same_with_every_fast_path(tiny_clip, synthetic_root, tmp_path):
+    data = build_dataset("eurosat", synthetic_root, num_shots=4, seed=1, subsample="base")
+    for name in ("mma", "coop"):
+        runs = []
+        for enabled in (False, True):
+            cfg = benchmark.make_config(name, "eurosat", **{"OPTIM.MAX_EPOCH": 2, "DATALOADER.NUM_WORKERS": 0,
+                                                            "SPEED.ENABLED": enabled,
+                                                            "SPEED.CACHE_DIR": str(tmp_path)})
+            cfg.INPUT.SIZE = (32, 32)
+            cfg.freeze()
+            torch.manual_seed(0)
+            model = benchmark.build(name, data.classnames, clip=copy.deepcopy(tiny_clip),
+                                    **{"SPEED.ENABLED": enabled})
+            torch.manual_seed(1)
+            result = train(model, data.train, cfg, torch.device("cpu"), "fp32")
+            learned = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            runs.append((result.epoch_losses, learned, _all_logits(model, data.test, cfg)))
+        (losses, learned, logits), (fast_losses, fast_learned, fast_logits) = runs
+        assert len(losses) == 2 and losses == pytest.approx(fast_losses, rel=1e-5)
+        assert all(_close(learned[k], fast_learned[k]) for k in learned)
+        assert torch.allclose(logits, fast_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["zsclip", "coop", "mma", "linear_probe", "tip_adapter"])
+def test_records_are_the_same_with_the_fast_paths_on_and_off(name, synthetic_root, tmp_path):
+    from benchmark.protocols import base2novel
+
+    def spec(*speed):
+        opts = ["OPTIM.MAX_EPOCH", "1", "DATALOADER.NUM_WORKERS", "0", "SPEED.CACHE_DIR", str(tmp_path), *speed]
+        return base2novel([name], ["eurosat"], [1], 4, root=str(synthetic_root), backbone="tiny-clip-12",
+                          backbone_id="tiny", opts=opts)[0]
+
+    plain, fast = spec("SPEED.ENABLED", "False"), spec()
+    assert plain.run_id == fast.run_id  # fast paths are not part of a run's identity
+    records = [execute(plain, "cpu"), execute(fast, "cpu"), execute(fast, "cpu")]  # the last one reads caches
+    for split in ("base", "novel"):
+        values = [r["metrics"][split].get("accuracy") for r in records]
+        assert values[0] == values[1] == values[2], (split, values)
+    assert records[0]["train"]["epoch_losses"] == pytest.approx(records[1]["train"]["epoch_losses"], rel=1e-5)
+    caches = {p.parent.name for p in tmp_path.rglob("*") if p.is_file()}
+    # frozen image towers keep features; the others keep decoded test images
+    assert caches == ({"images"} if name == "mma" else {"features"})
