@@ -82,7 +82,7 @@ class CoCoOp(CoOp):
         tokens = learner.tokenized_prompts
         per_pass = max(1, MAX_PROMPTS_PER_PASS // n_cls)  # images per text-encoder pass
         text = torch.cat([
-            self.encode_prompts(chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1))
+            self.encode_prompts(chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1), class_tokens=tokens)
             .view(chunk.shape[0], n_cls, -1)
             for chunk in prompts.split(per_pass)
         ])

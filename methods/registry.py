@@ -157,7 +157,7 @@ def eot_length(tokens: torch.Tensor) -> int:
 
 
 def encode_text_embeddings(clip: nn.Module, prompts: torch.Tensor, tokens: torch.Tensor,
-                           run_blocks: Callable | None = None, *, truncate: bool = False) -> torch.Tensor:
+                           run_blocks: Callable | None = None, *, truncate: bool | int = False) -> torch.Tensor:
     """CLIP's text transformer on prompt *embeddings* (learned or adapted), as the official
     prompt-learning trainers run it: + positional embedding, the causal blocks, ln_final,
     the features at each end-of-text token, the text projection.
@@ -165,11 +165,12 @@ def encode_text_embeddings(clip: nn.Module, prompts: torch.Tensor, tokens: torch
     ``run_blocks(blocks, x, attn_mask) -> x`` replaces the plain pass through the blocks
     (methods that act inside them, such as adapters).  ``truncate`` (the TRUNCATE_TEXT
     fast path) drops the positions after the longest prompt's end-of-text token: the
-    causal mask keeps them from reaching the features that are read."""
+    causal mask keeps them from reaching the features that are read.  An int gives that
+    length, known beforehand (reading it from tokens on a GPU waits for the GPU)."""
     mask = clip.attn_mask
     positional = clip.positional_embedding
     if truncate:
-        length = eot_length(tokens)
+        length = eot_length(tokens) if truncate is True else int(truncate)
         prompts, positional = prompts[:, :length], positional[:length]
         mask = mask[:length, :length] if mask is not None else None
     x = prompts + positional.to(prompts.dtype)
@@ -250,10 +251,22 @@ class Method(nn.Module):
         """Whether the exact fast path ``SPEED.<name>`` is on (``benchmark.speed``)."""
         return speed.enabled(self.cfg, name)
 
-    def encode_prompts(self, prompts: torch.Tensor, tokens: torch.Tensor,
-                       run_blocks: Callable | None = None) -> torch.Tensor:
-        """``encode_text_embeddings`` with this run's text fast path."""
-        return encode_text_embeddings(self.clip, prompts, tokens, run_blocks, truncate=self.fast("TRUNCATE_TEXT"))
+    def encode_prompts(self, prompts: torch.Tensor, tokens: torch.Tensor, run_blocks: Callable | None = None,
+                       *, class_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``encode_text_embeddings`` with this run's text fast path.  ``class_tokens``: the
+        per-class tokens that ``tokens`` repeats (CoCoOp), to read the length from."""
+        length = 0
+        if self.fast("TRUNCATE_TEXT"):
+            length = self._prompt_length(tokens if class_tokens is None else class_tokens)
+        return encode_text_embeddings(self.clip, prompts, tokens, run_blocks, truncate=length or False)
+
+    def _prompt_length(self, tokens: torch.Tensor) -> int:
+        # read once per token tensor and version (in-place loads bump it); the tensor itself
+        # is kept, so its identity cannot pass to another one while the length is cached
+        cached = self.__dict__.get("_length_of")
+        if cached is None or cached[0] is not tokens or cached[1] != tokens._version:
+            cached = self.__dict__["_length_of"] = (tokens, tokens._version, eot_length(tokens))
+        return cached[2]
 
     # -- hooks -------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

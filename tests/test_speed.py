@@ -195,3 +195,35 @@ def test_records_are_the_same_with_the_fast_paths_on_and_off(name, synthetic_roo
     caches = {p.parent.name for p in tmp_path.rglob("*") if p.is_file()}
     # frozen image towers keep features; the others keep decoded test images
     assert caches == ({"images"} if name == "mma" else {"features"})
+
+
+def test_bench_command_measures_every_fast_path_and_saves_json_and_markdown(tmp_path):
+    import json
+
+    from benchmark.cli import main
+
+    args = ["bench", "--methods", "mma,zsclip", "--classes", "4", "--test-per-class", "2", "--text-classes", "12",
+            "--repeats", "1", "--steps", "1", "--epochs", "1", "--device", "cpu", "--output", str(tmp_path)]
+    assert main(args) == 0
+    (saved,) = (tmp_path / "bench").glob("*.json")
+    result = json.loads(saved.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"mma", "zsclip"} and result["meta"]["device"].startswith("cpu")
+    mma, zsclip = rows["mma"], rows["zsclip"]
+    for key in ("text_ms", "train_img_s", "eval_img_s", "run_s"):
+        assert mma[f"{key}_plain"] > 0 and mma[f"{key}_fast"] > 0, key
+    assert "text_ms_plain" not in zsclip and "train_img_s_plain" not in zsclip  # nothing trains
+    assert zsclip["eval_img_s_fast"] > zsclip["eval_img_s_plain"]  # features read back from the cache
+    for row in rows.values():  # the same records with the fast paths on and off
+        assert row["run_acc_plain"] == row["run_acc_fast_cold"] == row["run_acc_fast"]
+        assert row["logit_gap"] < 1e-5 and row["logit_gap_after_steps"] < 1e-5
+        assert row["eval_images"] == 4 * 2
+    table = saved.with_suffix(".md").read_text()
+    assert table.count("\n| mma |") == 1 and table.count("\n| zsclip |") == 1 and " -> " in table
+
+
+def test_bench_rejects_bad_sizes(tmp_path, capsys):
+    from benchmark.cli import main
+
+    assert main(["bench", "--classes", "1", "--output", str(tmp_path)]) == 2
+    assert "--classes" in capsys.readouterr().out
