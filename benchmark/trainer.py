@@ -43,7 +43,30 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, ...); its message is stored in the record."""
+    """A run that cannot go on (non-finite loss, out of memory); its message and ``details``
+    (what failed, where) are stored in the run's failure record."""
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.details = details
+
+
+def out_of_memory(exc: BaseException, cfg, stage: str, n_classes: int, precision: str) -> TrainingError:
+    """A clear error for a GPU out-of-memory during ``stage`` (training or evaluation)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if stage == "training":
+        batch = int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+        hint = (f"Use a GPU with more memory, or lower the batch size with --opts DATALOADER.TRAIN_X.BATCH_SIZE "
+                f"{max(1, batch // 2)} (a change to the official recipe: the numbers will differ).")
+    else:
+        batch = speed.eval_batch_size(cfg)
+        hint = (f"Lower the evaluation batch with --opts SPEED.EVAL_BATCH_SIZE {max(1, batch // 2)} "
+                f"(accuracies do not depend on it).")
+    return TrainingError(f"Out of GPU memory during {stage} (batch size {batch}, {n_classes} classes, precision "
+                         f"{precision}): {first}. {hint} Finished runs are kept; rerun the command to retry.",
+                         kind="out_of_memory", stage=stage, batch_size=batch, n_classes=n_classes)
 
 
 # -- seeding -----------------------------------------------------------------------------
@@ -269,7 +292,9 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
                 loss = model.loss(logits, labels)
             if not torch.isfinite(loss):
                 raise TrainingError(f"Loss is {loss.item()} at epoch {epoch + 1}, step {batch + 1}; "
-                                    f"last finite loss: {last_finite}. Lower OPTIM.LR or use PREC fp32.")
+                                    f"last finite loss: {last_finite}. Lower OPTIM.LR or use PREC fp32.",
+                                    kind="non_finite_loss", epoch=epoch + 1, step=batch + 1,
+                                    loss=str(loss.item()), last_finite_loss=last_finite)
             optimizer.zero_grad()
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -431,6 +456,11 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     set_random_seed(spec.seed)
     train_set = build_dataset(spec.dataset, root, num_shots=spec.shots, seed=spec.seed,
                               subsample=spec.subsample)
+    short = short_classes(train_set.train, train_set.classnames, spec.shots)
+    if short:
+        # the reference sampler keeps every image of such a class (no repetition): so do we
+        log.warning("%s: %d classes have fewer than %d training images (e.g. %s); all their images are used, "
+                    "as the reference sampler does.", spec.label, len(short), spec.shots, ", ".join(list(short)[:3]))
     clip = _clip_copy(spec.backbone)
     image_size = clip_info(clip)["image_size"]
     if tuple(cfg.INPUT.SIZE) != (image_size, image_size):
@@ -454,16 +484,21 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         ckpt.load(model, checkpoint)
         result = None
         log.info("%s: weights restored from %s; evaluating the missing targets only", spec.label, checkpoint)
-    elif model.fit is not None:
-        fit_start = time.perf_counter()
-        report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision,
-                                      spec.backbone_id)) or {}
-        # a method with its own loop reports its steps, losses and learned parameters
-        result = TrainResult(list(report.get("epoch_losses", [])), list(report.get("learning_rates", [])),
-                             int(report.get("steps", 0)), time.perf_counter() - fit_start, fit=report or None)
-        n_trainable = int(report.get("trainable_params", n_trainable))
     else:
-        result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
+        try:
+            if model.fit is not None:
+                fit_start = time.perf_counter()
+                report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision,
+                                              spec.backbone_id)) or {}
+                # a method with its own loop reports its steps, losses and learned parameters
+                result = TrainResult(list(report.get("epoch_losses", [])), list(report.get("learning_rates", [])),
+                                     int(report.get("steps", 0)), time.perf_counter() - fit_start,
+                                     fit=report or None)
+                n_trainable = int(report.get("trainable_params", n_trainable))
+            else:
+                result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, cfg, "training", len(train_set.classnames), precision) from exc
     if save_checkpoint and not resumed and checkpoint is not None:
         ckpt.save(model, checkpoint, run_id=spec.run_id)
 
@@ -484,7 +519,10 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                 metrics[ev.name] = {"status": "not_applicable", "reason": str(exc), "n_classes": len(names)}
                 log.info("%s %s: not applicable (%s)", spec.label, ev.name, exc)
                 continue
-        metrics[ev.name] = evaluate(model, data, cfg, device, precision, spec.backbone_id)
+        try:
+            metrics[ev.name] = evaluate(model, data, cfg, device, precision, spec.backbone_id)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, cfg, "evaluation", len(names), precision) from exc
         metrics[ev.name]["n_classes"] = len(names)
         log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
 
@@ -494,6 +532,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     else:
         train_info = {
             "n_images": len(train_set.train),
+            "classes_short_of_shots": short,
             "n_classes": len(train_set.classnames),
             "steps": result.steps,
             "epoch_losses": result.epoch_losses,
@@ -538,6 +577,14 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         record["resumed_from_checkpoint"] = True
         record["evals"] = _merge_evals(previous.get("evals", []), record["evals"])
     return record
+
+
+def short_classes(train: Sequence[Datum], classnames: Sequence[str], shots: int) -> dict[str, int]:
+    """Classes with fewer than ``shots`` training images: name -> images."""
+    if shots < 1:
+        return {}
+    counts = np.bincount([d.label for d in train], minlength=len(classnames))
+    return {classnames[i]: int(n) for i, n in enumerate(counts) if n < shots}
 
 
 def _merge_evals(old: list[dict], new: list[dict]) -> list[dict]:

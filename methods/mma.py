@@ -135,6 +135,7 @@ class MMA(Method):
 
     def on_weights_loaded(self) -> None:
         self._text_cache = None
+        self._frozen_text = None  # a harness checkpoint also restores the prompt embeddings
 
     def train(self, mode: bool = True) -> "MMA":
         self._text_cache = None
