@@ -272,11 +272,7 @@ def write_accuracy_tables(table: pd.DataFrame, out_dir: str | Path, name: str, p
 def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_shot") -> list[Path]:
     """One PNG per dataset (and the average): accuracy against shots, one line per method,
     the published curve dashed in the same colour where there is one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -304,6 +300,87 @@ def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_sh
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def base2novel_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "base2novel") -> list[Path]:
+    """``<name>-bars.png``: Base, Novel and HM per dataset (and the average), one bar per
+    method, the published HM as a black tick above each bar where there is one."""
+    if table.empty or table[["base", "novel"]].isna().all().all():
+        return []
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(table["dataset"]))
+    methods = list(dict.fromkeys(table["method"]))
+    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.75 * len(datasets) * max(1, len(methods)) ** 0.5 + 2), 7.5),
+                             dpi=120, sharex=True)
+    for ax, column, title in zip(axes, ("base", "novel", "hm"), ("Base", "Novel", "HM")):
+        for i, method in enumerate(methods):
+            rows = table[table["method"] == method].set_index("dataset").reindex(datasets)
+            x = np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width
+            ax.bar(x, rows[column].to_numpy(dtype=float), width, color=f"C{i % 10}", label=method)
+            paper = rows[f"paper_{column}"].to_numpy(dtype=float)
+            if np.isfinite(paper).any():
+                ax.scatter(x, paper, marker="_", s=120, color="black", zorder=3,
+                           label="published" if i == 0 else None)
+        ax.set_ylabel(f"{title} (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=min(len(methods) + 1, 6), loc="lower left")
+    axes[-1].set_xticks(np.arange(len(datasets)), labels=datasets, rotation=35, ha="right", fontsize=8)
+    fig.tight_layout()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-bars.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
+def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: str) -> list[Path]:
+    """``<name>-delta.png``: ours minus the published number per dataset and method (HM for
+    base-to-novel; accuracy otherwise, at 16 shots for few-shot).  Nothing when no
+    published number matches (the toy world and synthetic data have none)."""
+    if protocol == "base2novel":
+        frame = table.assign(delta=table["hm"] - table["paper_hm"])
+        label = "HM - published HM"
+    else:
+        frame = table if protocol != "few_shot" else table[table["shots"] == table["shots"].max()]
+        frame = frame.assign(delta=frame["accuracy"] - frame["paper"])
+        label = "accuracy - published" + (f" ({int(frame['shots'].max())} shots)" if protocol == "few_shot" else "")
+    frame = frame[frame["delta"].notna()]
+    if frame.empty:
+        return []
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(frame["dataset"]))
+    methods = list(dict.fromkeys(frame["method"]))
+    height = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.35 * len(datasets) * max(1, len(methods)) ** 0.5), dpi=120)
+    for i, method in enumerate(methods):
+        rows = frame[frame["method"] == method].set_index("dataset").reindex(datasets)
+        y = np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * height
+        ax.barh(y, rows["delta"].to_numpy(dtype=float), height, color=f"C{i % 10}", label=method)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(np.arange(len(datasets)), labels=datasets, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-delta.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
 
 
 def latex_table(shown: pd.DataFrame, caption: str = "") -> str:

@@ -84,11 +84,21 @@ def register_method(name: str, *, node: str | None = None, defaults: dict | None
     return decorate
 
 
+def _discovered_modules() -> tuple[str, ...]:
+    """Method files added to ``methods/`` (by ``run.py new-method`` or by hand) register
+    themselves: every module there is imported, the built-in ones first."""
+    import pkgutil
+
+    here = Path(__file__).parent
+    names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in ("registry", "__init__"))
+    return tuple(f"methods.{n}" for n in names if f"methods.{n}" not in BUILTIN_MODULES)
+
+
 def load_plugins(modules: Sequence[str] = ()) -> None:
     """Import the built-in methods, entry-point plugins and ``--plugin`` modules."""
     global _LOADED
     if not _LOADED:
-        for module in BUILTIN_MODULES:
+        for module in BUILTIN_MODULES + _discovered_modules():
             importlib.import_module(module)
         for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
             entry.load()
