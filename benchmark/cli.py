@@ -13,6 +13,7 @@ random tiny CLIP instead: a smoke test whose numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -101,6 +102,44 @@ def build_parser() -> argparse.ArgumentParser:
                      help="import this module first (registers methods from outside the repository)")
     run.add_argument("--force", action="store_true", help="re-run runs whose record already exists")
     run.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    scale = run.add_argument_group("scale-out", "where runs execute; every executor writes the same records to "
+                                                "--output, which is all they share (README: Scaling out)")
+    scale.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
+                       help="local (default: this machine), ray (Ray tasks, one GPU each) or slurm (one SLURM job "
+                            "per run, through submitit); e.g. --executor ray --ray-address auto")
+    scale.add_argument("--gpus", type=_ints, default=None,
+                       help="local: one worker process per listed GPU, e.g. --gpus 0,1,2,3 (default: every visible "
+                            "GPU when there are several; --device cuda:0 runs one after another on one GPU)")
+    scale.add_argument("--workers", type=int, default=1,
+                       help="local: worker processes (per GPU with --gpus, else on the CPU), e.g. --workers 4 "
+                            "(default 1: in this process)")
+    scale.add_argument("--ray-address", default=None,
+                       help="ray: join this Ray cluster instead of starting a local Ray instance, e.g. "
+                            "--ray-address auto (a cluster started on this machine) or ray://head-node:10001")
+    scale.add_argument("--max-retries", type=int, default=2,
+                       help="times a run whose worker, task or job died (killed, out of memory, node lost) is "
+                            "started again before it is recorded as failed, e.g. --max-retries 0 (default 2)")
+    scale.add_argument("--stale-lock-minutes", type=float, default=10.0,
+                       help="a run's lock not refreshed for this long is taken over (its machine died), e.g. "
+                            "--stale-lock-minutes 30 (default 10); a lock of a dead process on this host is "
+                            "taken over at once")
+    scale.add_argument("--slurm-partition", default=None, help="slurm: partition, e.g. --slurm-partition gpu")
+    scale.add_argument("--slurm-time", default=None,
+                       help="slurm: time limit per run, SLURM's format, e.g. --slurm-time 2:00:00 or 120 (minutes) "
+                            "(default 4:00:00)")
+    scale.add_argument("--slurm-gpus", type=int, default=None, help="slurm: GPUs per job, e.g. --slurm-gpus 0 (default 1)")
+    scale.add_argument("--slurm-cpus", type=int, default=None,
+                       help="slurm: CPUs per job, e.g. --slurm-cpus 8 (default: the cluster's)")
+    scale.add_argument("--slurm-mem", default=None, help="slurm: memory per job, e.g. --slurm-mem 32G (default: the cluster's)")
+    scale.add_argument("--slurm-array-parallelism", type=int, default=None,
+                       help="slurm: jobs of the array running at once, e.g. --slurm-array-parallelism 16 "
+                            "(default: SLURM's limit; --slurm-cluster local: all at once)")
+    scale.add_argument("--slurm-config", default=None,
+                       help="slurm: a YAML of any other submitit parameter, e.g. --slurm-config slurm.yaml holding "
+                            "slurm_account: my_lab and slurm_setup: [module load cuda]; command-line options win")
+    scale.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default=None,
+                       help="slurm: slurm (default: submit with sbatch), local (each job a local process, to try "
+                            "a SLURM sweep without SLURM) or debug (in this process), e.g. --slurm-cluster local")
 
     table = sub.add_parser("table", help="rebuild the tables from the records, running nothing")
     table.add_argument("--output", default=DEFAULT_OUTPUT, help="results folder holding records/")
@@ -282,6 +321,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from methods.registry import get_method, load_plugins
 
     _setup_logging(args.verbose)
+    from benchmark.executors import ExecutorUnavailable
+
+    try:
+        executor_options = _executor_options(args)  # a missing extra or a misplaced option fails first
+    except ExecutorUnavailable as exc:  # its install command holds brackets: no markup
+        console.print(f"Error: {exc}", style="bold red", highlight=False, soft_wrap=True, markup=False)
+        return 2
     load_plugins(args.plugin)
     for method in args.methods:
         get_method(method)
@@ -322,23 +368,107 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(specs, args.output)
 
-    def progress(event: str, spec, index: int, total: int) -> None:
-        if event == "start":
-            console.print(f"[{index}/{total}] {spec.label}")
-        elif event == "failed":
-            console.print(f"  [red]failed[/]: {spec.label}")
+    from benchmark.executors import get_executor
 
-    summary = run_sweep(specs, args.output, device=args.device, force=args.force,
-                        save_checkpoints=args.save_checkpoints, progress=progress)
+    with get_executor(args.executor, **executor_options) as executor, sweep_display(executor.name) as progress:
+        summary = run_sweep(specs, args.output, executor=executor, device=args.device, force=args.force,
+                            save_checkpoints=args.save_checkpoints, progress=progress, plugins=args.plugin,
+                            stale_lock_s=args.stale_lock_minutes * 60)
+    elsewhere = f", {len(summary.elsewhere)} running in another sweep" if summary.elsewhere else ""
     console.print(f"Runs: {len(summary.done)} done, {len(summary.skipped)} already finished, "
-                  f"{len(summary.failed)} failed, in {summary.seconds:.1f} s", soft_wrap=True)
+                  f"{len(summary.failed)} failed{elsewhere}, in {summary.seconds:.1f} s", soft_wrap=True)
+    from rich.markup import escape
+
     for label, error in summary.failed:
-        console.print(f"  [red]{label}[/]: {error}")
+        console.print(f"  [red]{label}[/]: {escape(error)}", soft_wrap=True, highlight=False)
+    for label, why in summary.elsewhere:
+        console.print(f"  {label}: {why}", soft_wrap=True, highlight=False, markup=False)
+    if summary.elsewhere:
+        console.print("Runs of another sweep are left to it: run the same command again when it ends for "
+                      "complete tables.")
     shown, paths = build_tables(args.output, chosen, run_ids={spec.run_id for spec in specs})
     for (protocol, world), table in shown.items():
         show_table(protocol, table, PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, ""))
     console.print("Tables: " + ", ".join(str(p) for p in paths), soft_wrap=True)
     return 1 if summary.failed else 0
+
+
+def _executor_options(args: argparse.Namespace) -> dict:
+    """The chosen executor's options from the run command's; options of another executor
+    and a missing optional package (Ray, submitit) are errors before any work."""
+    from benchmark.executors import check_options
+
+    given = {"--gpus": args.gpus is not None, "--workers": args.workers != 1,
+             "--ray-address": args.ray_address is not None,
+             **{f"--slurm-{name.replace('_', '-')}": getattr(args, f"slurm_{name}") is not None
+                for name in ("partition", "time", "gpus", "cpus", "mem", "array_parallelism", "config", "cluster")}}
+    owner = {"local": ("--gpus", "--workers"), "ray": ("--ray-address",)}
+    for option, present in given.items():
+        belongs = next((name for name, options in owner.items() if option in options), "slurm")
+        if present and belongs != args.executor:
+            raise ValueError(f"{option} is an option of --executor {belongs}, but the executor is {args.executor}. "
+                             f"Add --executor {belongs} or leave {option} out.")
+    if args.stale_lock_minutes <= 0:
+        raise ValueError(f"--stale-lock-minutes must be positive; got {args.stale_lock_minutes}.")
+    options = {"device": args.device, "max_retries": args.max_retries}
+    if args.executor == "local":
+        options.update(gpus=args.gpus, workers=args.workers)
+    elif args.executor == "ray":
+        options.update(address=args.ray_address)
+    else:
+        options.update(output=args.output, cluster=args.slurm_cluster or "slurm", partition=args.slurm_partition,
+                       time=args.slurm_time, gpus=args.slurm_gpus, cpus=args.slurm_cpus, mem=args.slurm_mem,
+                       array_parallelism=args.slurm_array_parallelism, config=args.slurm_config)
+    check_options(args.executor, **options)
+    return options
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def sweep_counts(state) -> str:
+    """'3 done, 2 running, 0 failed, 5 skipped' (+ running elsewhere) of a SweepState."""
+    text = f"{state.done} done, {state.running} running, {state.failed} failed, {state.skipped} skipped"
+    return text + (f", {state.elsewhere} elsewhere" if state.elsewhere else "")
+
+
+@contextlib.contextmanager
+def sweep_display(executor: str):
+    """The sweep's progress: a live rich line (runs done, running, failed and skipped, elapsed
+    time, time left) on a terminal; plain lines otherwise (logs, CI, captured output)."""
+    if not console.is_terminal:
+        def plain(event: str, spec, state) -> None:
+            if event == "start":
+                console.print(f"[{state.started_runs}/{state.todo}] {spec.label}", highlight=False)
+            elif event == "failed":
+                console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
+            elif event == "elsewhere":
+                console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
+
+        yield plain
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"),
+                   console=console, refresh_per_second=4)
+    task = bar.add_task(executor, total=None, counts="starting", eta="-")
+
+    def live(event: str, spec, state) -> None:
+        bar.update(task, total=max(state.todo, 1), completed=state.settled, counts=sweep_counts(state),
+                   eta=_duration(state.eta()))
+        if event == "failed":
+            bar.console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
+        elif event == "elsewhere":
+            bar.console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
+
+    with bar:
+        yield live
 
 
 def show_table(protocol: str, table, title: str) -> None:

@@ -5,14 +5,26 @@ identity (a hash of the resolved config).  A failed run writes a record with
 ``status: failed`` and the error, and the sweep goes on; it is retried on the next
 invocation.  Ctrl-C abandons the current run without writing anything for it; every
 record already written stays valid.
+
+The unit of work is ``run_one``: a module-level function of plain data (the spec as a
+dict, the output folder, ``RunOptions``) that every executor calls, in this process, in
+a worker process, in a Ray task or in a SLURM job, so that all of them write the same
+records.  It holds the run's lock (``store.acquire_lock``) while it runs: a run that
+another live sweep is running is reported as running elsewhere and left alone, and a run
+that another sweep finished meanwhile is skipped.  A run requested twice in one sweep
+(the shared transfer training asked for by two protocols) runs once, with the union of
+the evaluations.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,33 +39,229 @@ class SweepSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    elsewhere: list[tuple[str, str]] = field(default_factory=list)  # locked by another live sweep
     seconds: float = 0.0
 
 
-def _failure_record(spec: RunSpec, exc: BaseException) -> dict:
-    return {
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``run_one`` runs a spec; plain data, so that it travels to any worker."""
+
+    device: str | None = None
+    force: bool = False
+    save_checkpoints: bool = False
+    plugins: tuple[str, ...] = ()  # modules to import first (methods registered from outside)
+    plugin_paths: tuple[str, ...] = ()  # folders those modules are imported from
+    sweep_id: str = ""
+    stale_lock_s: float = store.STALE_LOCK_S
+
+
+@dataclass
+class SweepState:
+    """Live counts of a sweep, for its progress display."""
+
+    total: int = 0  # distinct runs asked for
+    todo: int = 0  # runs not finished when the sweep started
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0  # finished before the sweep, or by another sweep meanwhile
+    elsewhere: int = 0  # running in another sweep
+    running: int = 0
+    started_runs: int = 0  # runs seen starting so far
+    parallel: int = 1
+    settled: int = 0  # runs of todo with an outcome
+    durations: list[float] = field(default_factory=list)  # seconds of the runs finished here
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def remaining(self) -> int:
+        return self.todo - self.settled
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta(self) -> float | None:
+        """Seconds left: remaining runs at the mean duration of the finished ones, spread
+        over the runs that can execute at once; None before the first run finishes."""
+        if not self.durations:
+            return None
+        if not self.remaining:
+            return 0.0
+        mean = sum(self.durations) / len(self.durations)
+        return self.remaining * mean / max(1, min(self.parallel, self.remaining))
+
+
+def _failure_record(spec: RunSpec, error: str, trace: str = "", details: dict | None = None) -> dict:
+    record = {
         "id": spec.run_id, "status": "failed", "method": spec.method, "protocol": spec.protocol,
         "stage": spec.stage, "dataset": spec.dataset, "shots": spec.shots, "seed": spec.seed,
-        "backbone": spec.backbone, "error": f"{type(exc).__name__}: {exc}",
-        "traceback": traceback.format_exc(limit=20), "config": spec.config,
+        "backbone": spec.backbone, "error": error, "traceback": trace, "config": spec.config,
         "finished": time.time(),
     }
+    if details:  # what failed and where (trainer.TrainingError: non-finite loss, out of memory)
+        record["details"] = details
+    return record
+
+
+def _outcome(spec: RunSpec, status: str, error: str | None = None, seconds: float = 0.0) -> dict:
+    import os
+    import socket
+
+    return {"id": spec.run_id, "label": spec.label, "status": status, "error": error,
+            "seconds": seconds, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _load_plugins(options: RunOptions) -> None:
+    for folder in options.plugin_paths:
+        if folder not in sys.path:
+            sys.path.append(folder)
+    from methods.registry import load_plugins
+
+    load_plugins(list(options.plugins))
+
+
+def run_one(spec: dict, output: str, options: RunOptions) -> dict:
+    """Run one spec (given as ``spec.to_dict()``) and write its record; returns an outcome:
+    ``{"id", "label", "status", "error", "seconds", "host", "pid"}`` with status ``ok``,
+    ``failed`` (the record says why), ``skipped`` (another sweep finished it meanwhile) or
+    ``elsewhere`` (another live sweep holds its lock).
+
+    A record of the same identity that lacks evaluations (the transfer run asked for more
+    targets) is completed from its checkpoint without training; the transfer run always
+    writes one, other runs with ``save_checkpoints``."""
+    _load_plugins(options)
+    from benchmark.protocols import TRANSFER, spec_from_dict
+    from benchmark.trainer import execute
+
+    run = spec_from_dict(spec)
+    t0 = time.perf_counter()
+    try:
+        lock = store.acquire_lock(store.lock_path(output, run), sweep=options.sweep_id,
+                                  stale_after=options.stale_lock_s)
+    except store.LockHeld as held:
+        return _outcome(run, "elsewhere", str(held))
+    with lock:
+        if not options.force and store.is_finished(output, run):
+            return _outcome(run, "skipped", "finished by another sweep")
+        previous = None if options.force else store.previous_record(output, run)
+        try:
+            record = execute(run, device=options.device, previous=previous,
+                             checkpoint=store.checkpoint_path(output, run),
+                             save_checkpoint=options.save_checkpoints or run.protocol == TRANSFER)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one broken run must not stop the sweep
+            log.error("run %s failed: %s", run.label, exc)
+            record = _failure_record(run, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
+                                     getattr(exc, "details", None))
+        store.write_json_atomic(store.record_path(output, run), record)
+    return _outcome(run, record["status"], record.get("error"), time.perf_counter() - t0)
+
+
+def unique_specs(specs: Sequence[RunSpec]) -> list[RunSpec]:
+    """One spec per run identity, in first-seen order; evaluations of duplicates are merged
+    (the transfer run's identity does not include its targets)."""
+    merged: dict[str, RunSpec] = {}
+    for spec in specs:
+        seen = merged.get(spec.run_id)
+        if seen is None:
+            merged[spec.run_id] = spec
+        else:
+            extra = tuple(e for e in spec.evals if e not in seen.evals)
+            if extra:
+                merged[spec.run_id] = replace(seen, evals=seen.evals + extra)
+    return list(merged.values())
+
+
+def plugin_paths(plugins: Sequence[str]) -> tuple[str, ...]:
+    """The folders the (already imported) plugin modules come from, so that worker
+    processes on any machine sharing the file system import them the same way."""
+    folders = []
+    for name in plugins:
+        top = sys.modules.get(name.split(".")[0])
+        if top is None:
+            continue
+        if getattr(top, "__path__", None):
+            folder = Path(list(top.__path__)[0]).resolve().parent
+        elif getattr(top, "__file__", None):
+            folder = Path(top.__file__).resolve().parent
+        else:
+            continue
+        if str(folder) not in folders:
+            folders.append(str(folder))
+    return tuple(folders)
+
+
+def _record_lost(output: str | Path, spec: RunSpec, error: str, options: RunOptions) -> None:
+    """Write the failure record of a run whose worker never reported back, unless another
+    sweep runs it now or a successful record exists."""
+    try:
+        lock = store.acquire_lock(store.lock_path(output, spec), sweep=options.sweep_id,
+                                  stale_after=options.stale_lock_s)
+    except store.LockHeld:
+        return
+    with lock:
+        if store.previous_record(output, spec) is None:
+            store.write_json_atomic(store.record_path(output, spec), _failure_record(spec, error))
+
+
+class _Tracker:
+    """Learns which runs of this sweep are running from their lock files (any executor)."""
+
+    def __init__(self, output: str | Path, specs: Sequence[RunSpec], options: RunOptions,
+                 state: SweepState, emit: Callable[[str, RunSpec | None], None]):
+        self.output, self.options, self.state, self.emit = output, options, state, emit
+        self.waiting = {spec.run_id: spec for spec in specs}  # not seen running
+        self.running: dict[str, RunSpec] = {}
+        self.last_poll = 0.0
+
+    def started(self, spec: RunSpec) -> None:
+        if self.waiting.pop(spec.run_id, None) is not None:
+            self.running[spec.run_id] = spec
+            self.state.running = len(self.running)
+            self.state.started_runs += 1
+            self.emit("start", spec)
+
+    def ended(self, spec: RunSpec) -> bool:
+        """Forget the run; True when it was never seen starting."""
+        unseen = self.waiting.pop(spec.run_id, None) is not None
+        self.running.pop(spec.run_id, None)
+        self.state.running = len(self.running)
+        if unseen:
+            self.state.started_runs += 1
+        return unseen
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now - self.last_poll < 1.0:
+            return
+        self.last_poll = now
+        for spec in list(self.waiting.values()):
+            path = store.lock_path(self.output, spec)
+            if path.exists():
+                holder = store.lock_holder(path)
+                if holder is not None and holder.get("sweep") == self.options.sweep_id:
+                    self.started(spec)
+        self.emit("tick", None)
 
 
 def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, device=None,
               force: bool = False, save_checkpoints: bool = False,
-              progress: Callable[[str, RunSpec, int, int], None] | None = None) -> SweepSummary:
-    """Run what is not finished.  A record of the same identity that lacks evaluations (the
-    transfer run asked for more targets) is completed from its checkpoint without training;
-    the transfer run always writes one, other runs with ``save_checkpoints``."""
-    from benchmark.protocols import TRANSFER
+              progress: Callable[[str, RunSpec | None, SweepState], None] | None = None,
+              plugins: Sequence[str] = (), stale_lock_s: float = store.STALE_LOCK_S) -> SweepSummary:
+    """Run what is not finished, through ``executor`` (default: in this process).
 
+    ``progress(event, spec, state)`` hears ``start``, ``ok``, ``failed``, ``skipped``
+    (finished by another sweep meanwhile), ``elsewhere`` (locked by another live sweep),
+    and ``tick`` (spec None) about once a second while an executor waits.  ``plugins``:
+    modules worker processes import first (``--plugin``)."""
     from benchmark.executors import LocalExecutor
-    from benchmark.trainer import execute
 
+    own_executor = executor is None
     executor = executor or LocalExecutor()
+    specs = unique_specs(specs)
     summary = SweepSummary()
-    start = time.perf_counter()
     todo = []
     for spec in specs:
         if not force and store.is_finished(output, spec):
@@ -63,29 +271,71 @@ def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, de
     if summary.skipped:
         log.info("%d of %d runs already finished; skipping them", len(summary.skipped), len(specs))
 
-    def work(spec: RunSpec) -> dict:
-        index = len(summary.done) + len(summary.failed) + 1
-        if progress:
-            progress("start", spec, index, len(todo))
-        previous = None if force else store.previous_record(output, spec)
-        try:
-            record = execute(spec, device=device, previous=previous,
-                             checkpoint=store.checkpoint_path(output, spec),
-                             save_checkpoint=save_checkpoints or spec.protocol == TRANSFER)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # one broken run must not stop the sweep
-            log.error("run %s failed: %s", spec.label, exc)
-            record = _failure_record(spec, exc)
-        store.write_json_atomic(store.record_path(output, spec), record)
-        return record
+    options = RunOptions(device=device, force=force, save_checkpoints=save_checkpoints,
+                         plugins=tuple(plugins), plugin_paths=plugin_paths(plugins),
+                         sweep_id=uuid.uuid4().hex, stale_lock_s=stale_lock_s)
+    state = SweepState(total=len(specs), todo=len(todo), skipped=len(summary.skipped),
+                       parallel=max(1, int(getattr(executor, "parallelism", 1))))
 
-    for spec, record in executor.map(work, todo):
-        if record["status"] == "ok":
-            summary.done.append(spec.label)
-        else:
-            summary.failed.append((spec.label, record["error"]))
+    def emit(event: str, spec: RunSpec | None) -> None:
         if progress:
-            progress(record["status"], spec, len(summary.done) + len(summary.failed), len(todo))
-    summary.seconds = time.perf_counter() - start
+            progress(event, spec, state)
+
+    tracker = _Tracker(output, todo, options, state, emit)
+    by_id = {spec.run_id: spec for spec in todo}
+    fn = functools.partial(run_one, output=str(output), options=options)
+    if executor.in_process:
+        def work(item: dict) -> dict:
+            tracker.started(by_id[_item_id(item)])
+            return fn(item)
+    else:
+        work = fn
+    emit("tick", None)
+    results = executor.map(work, [spec.to_dict() for spec in todo], tick=tracker.poll)
+    try:
+        for item, outcome in results:
+            spec = by_id[outcome.get("id") or _item_id(item)]
+            _settle(spec, outcome, summary, state, tracker, emit, output, options)
+    finally:
+        results.close()  # an interrupted executor cancels what it still runs
+        if tracker.running or tracker.waiting:
+            for spec in [*tracker.running.values(), *tracker.waiting.values()]:
+                store.remove_own_lock(store.lock_path(output, spec), options.sweep_id)
+        if own_executor:
+            executor.close()
+    summary.seconds = state.elapsed
     return summary
+
+
+def _item_id(item: dict) -> str:
+    from benchmark.protocols import spec_from_dict
+
+    return spec_from_dict(item).run_id
+
+
+def _settle(spec: RunSpec, outcome: dict, summary: SweepSummary, state: SweepState, tracker: _Tracker,
+            emit: Callable, output: str | Path, options: RunOptions) -> None:
+    status = outcome["status"]
+    if status == "lost":
+        log.error("run %s failed: %s", spec.label, outcome["error"])
+        _record_lost(output, spec, outcome["error"], options)
+        status = "failed"
+    if tracker.ended(spec) and status in ("ok", "failed"):
+        emit("start", spec)  # a run too short to be seen running still gets its line
+    state.settled += 1
+    if status == "ok":
+        summary.done.append(spec.label)
+        state.done += 1
+        state.durations.append(float(outcome.get("seconds") or 0.0))
+    elif status == "failed":
+        summary.failed.append((spec.label, outcome.get("error") or "unknown error"))
+        state.failed += 1
+        if outcome.get("seconds"):
+            state.durations.append(float(outcome["seconds"]))
+    elif status == "skipped":
+        summary.skipped.append(spec.label)
+        state.skipped += 1
+    else:
+        summary.elsewhere.append((spec.label, outcome.get("error") or "running in another sweep"))
+        state.elsewhere += 1
+    emit(status, spec)
