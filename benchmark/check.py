@@ -64,3 +64,12 @@ def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[Dat
     from datasets.catalog import list_datasets, resolve_name
 
     return [check_one(resolve_name(n), root) for n in (names or list_datasets())]
+
+
+def missing_eval_images(name: str, root: str | Path) -> list[str]:
+    """Test and validation images listed by ``name``'s split files but absent on disk (a
+    sweep checks these up front: every run of the dataset would evaluate on them)."""
+    from datasets.base import build_dataset
+
+    splits = build_dataset(name, root, num_shots=0)
+    return [d.impath for d in list(splits.test) + list(splits.val) if not os.path.isfile(d.impath)]

@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[],
                      help="import this module first (registers methods from outside the repository)")
     run.add_argument("--force", action="store_true", help="re-run runs whose record already exists")
-    run.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show every epoch's loss and every accuracy on the console (they are always in "
+                          "OUTPUT/logs/, one file per run)")
+    run.add_argument("-q", "--quiet", action="store_true", help="show errors only (and the final tables)")
     scale = run.add_argument_group("scale-out", "where runs execute; every executor writes the same records to "
                                                 "--output, which is all they share (README: Scaling out)")
     scale.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
@@ -150,7 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--compute", action="store_true",
                        help="also show trainable parameters, peak memory, wall time and device per run group")
 
-    sub.add_parser("list", help="list methods, datasets and protocols")
+    lister = sub.add_parser("list", help="list methods (paper, configs), datasets (present under --root?), "
+                                         "protocols and backbones",
+                            epilog="Example:\n  python run.py list --root /data/coop   # which datasets are there")
+    lister.add_argument("--root", default=None, help="a data folder: show which datasets are present in it")
+    lister.add_argument("--plugin", action="append", default=[], help="import this module first (its methods are listed)")
+
+    check = sub.add_parser(
+        "check", help="walk every dataset under --root: present, missing files, images and classes, and the fix",
+        epilog="Examples:\n  python run.py check --root /data/coop\n"
+               "  python run.py check --root /data/coop --datasets imagenet,eurosat",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("--root", required=True, help="the folder holding the datasets in the CoOp layout")
+    check.add_argument("--datasets", type=_csv, default=None, help="comma-separated datasets (default: all 15)")
+
+    new = sub.add_parser(
+        "new-method", help="write a complete small method to start from: methods/NAME.py, its YAML and its tests",
+        epilog="Examples:\n  python run.py new-method my_adapter && python -m pytest -q tests/test_my_adapter.py\n"
+               "  python run.py new-method my_adapter --into plugins/   # a plugin outside the repository",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    new.add_argument("name", help="registry name: lower-case letters, digits and '_', e.g. my_adapter")
+    new.add_argument("--into", default=None,
+                     help="write a plugin into this folder (NAME.py, configs/NAME.yaml, test_NAME.py; run it with "
+                          "--plugin NAME) instead of into methods/ and tests/")
+    new.add_argument("--force", action="store_true", help="overwrite files that exist")
 
     bench = sub.add_parser(
         "bench", help="measure speed and memory per method, every fast path against the plain path",
@@ -213,9 +239,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """The console shows warnings (-v: every epoch and accuracy; -q: errors only); each
+    run's own log under <output>/logs/ always holds everything."""
+    handler = RichHandler(console=console, show_path=False)
+    handler.setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+                        handlers=[handler], force=True)
 
 
 def print_table(table, title: str) -> None:
@@ -272,8 +302,12 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
             else:
                 written = tables.write_accuracy_tables(table, Path(output) / "tables", name, protocol)
             paths += [written["markdown"], written["csv"]]
+            plots = Path(output) / "plots"
             if protocol == "few_shot":
-                paths += tables.few_shot_plots(table, Path(output) / "plots", name)
+                paths += tables.few_shot_plots(table, plots, name)
+            if protocol == "base2novel":
+                paths += tables.base2novel_plots(table, plots, name)
+            paths += tables.delta_plot(table, plots, name, protocol)  # real data only: published numbers
             part = chosen[chosen["world"] == world]
             if not part.empty:
                 mine = table if run_ids is None else make(part)
@@ -283,7 +317,17 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
 
 
 def prepare_world(world: str, output: Path) -> Path:
-    """The built-in datasets under output (written once; rewritten when their version changes)."""
+    """The built-in datasets under output (written once; rewritten when their version
+    changes), under a lock: two sweeps started together on a fresh folder write them once."""
+    import fcntl
+
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / ".world.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return _prepare_world(world, output)
+
+
+def _prepare_world(world: str, output: Path) -> Path:
     import json
 
     if world == "toy":
@@ -320,7 +364,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from datasets.catalog import check_dataset, dataset_error, get_spec
     from methods.registry import get_method, load_plugins
 
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
     from benchmark.executors import ExecutorUnavailable
 
     try:
@@ -365,6 +409,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             messages = [str(dataset_error(name, root, p)) for name, p in problems.items()]
             raise DatasetError("\n\n".join(messages) + f"\n\n{len(problems)} of {len(datasets)} datasets "
                                "are not ready. Fix them, or leave them out with --datasets.")
+        from benchmark.check import missing_eval_images
+
+        absent = {name: missing_eval_images(name, root) for name in datasets}
+        absent = {k: v for k, v in absent.items() if v}
+        if absent:
+            lines = [f"{name}: {len(files)} test or validation images listed in its split file are not on disk, "
+                     f"e.g. {files[0]}" for name, files in absent.items()]
+            raise DatasetError("\n".join(lines) + "\nRe-extract the images into the dataset folder (or use the "
+                               "split file that came with them); `python run.py check --root " + str(root) +
+                               "` lists every dataset's state.")
     if args.dry_run:
         return dry_run(specs, args.output)
 
@@ -593,19 +647,90 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from datasets.catalog import list_datasets
-    from methods.registry import get_method, list_methods
+    from benchmark.backbone import list_backbones
+    from benchmark.protocols import PROTOCOLS
+    from datasets.catalog import CATALOG, check_dataset, list_datasets
+    from methods.registry import get_method, list_methods, load_plugins
 
-    table = Table(title="Methods")
-    for column in ("name", "paper", "config"):
-        table.add_column(column)
+    load_plugins(args.plugin)
+    table = Table(title="Methods (--methods)")
+    for column in ("name", "paper", "tables as", "configs"):
+        table.add_column(column, overflow="fold")
     for name in list_methods():
         info = get_method(name)
-        table.add_row(name, info.paper, str(info.config_file.name) if info.config_file else "-")
+        configs = "-"
+        if info.config_file:
+            import yaml
+
+            variants = (yaml.safe_load(info.config_file.read_text()) or {}).get("VARIANTS", {}) or {}
+            configs = info.config_file.name + (f" (+ {', '.join(variants)})" if variants else "")
+        table.add_row(name, info.paper or "-", info.paper_name, configs)
     console.print(table)
-    console.print("Datasets: " + ", ".join(list_datasets()))
-    console.print("Protocols: base2novel, cross_dataset, domain_generalization, few_shot, all")
+    table = Table(title="Datasets (--datasets)" + (f" under {args.root}" if args.root else ""))
+    for column in ("name", "folder", "classes") + (("present",) if args.root else ()):
+        table.add_column(column)
+    for name in list_datasets():
+        spec = CATALOG[name]
+        row = [name, spec.folder, str(spec.classes or "-")]
+        if args.root:
+            problems = check_dataset(name, args.root)
+            missing = problems and problems[0].startswith("missing dataset folder")
+            row.append("[green]yes[/]" if not problems else "[red]no[/]" if missing else "[yellow]partial[/]")
+        table.add_row(*row)
+    console.print(table)
+    console.print("Protocols (--protocol): " + ", ".join(PROTOCOLS) + ", all")
+    backbones = list_backbones()
+    console.print("Backbones (--clip): a weights file, " + ", ".join(backbones["openai"]) + " (OpenAI names), "
+                  "an open_clip name:tag, or a test model: " + ", ".join(backbones["tiny"]), soft_wrap=True)
+    if args.root:
+        console.print(f"Details and fixes: python run.py check --root {args.root}", soft_wrap=True)
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One row per dataset; the fix for each one that is not ready; exit 1 if any is not."""
+    from benchmark.check import check_root
+
+    reports = check_root(args.root, args.datasets)
+    table = Table(title=f"Datasets under {args.root}")
+    for column in ("dataset", "state", "classes", "train", "val", "test", "problem"):
+        table.add_column(column, overflow="fold")
+    colour = {"ready": "green", "missing": "red", "incomplete": "yellow"}
+    for r in reports:
+        table.add_row(r.name, f"[{colour[r.status]}]{r.status}[/]", str(r.classes or "-"),
+                      *(str(r.images.get(k, "-")) for k in ("train", "val", "test")),
+                      escape_markup("; ".join(r.problems)) or "-")
+    console.print(table)
+    for r in reports:
+        if r.status != "ready":
+            console.print(f"[bold]{r.name}[/]: {escape_markup(r.fix)}", soft_wrap=True, highlight=False)
+            for example in r.examples:
+                console.print(f"  absent: {example}", soft_wrap=True, highlight=False, markup=False)
+    ready = sum(r.status == "ready" for r in reports)
+    console.print(f"{ready} of {len(reports)} datasets ready.")
+    return 0 if ready == len(reports) else 1
+
+
+def cmd_new_method(args: argparse.Namespace) -> int:
+    from benchmark.scaffold import new_method
+
+    written = new_method(args.name, args.into, force=args.force)
+    for path in written:
+        console.print(f"wrote {path}", soft_wrap=True, highlight=False)
+    test = written[-1]
+    run = (f"python run.py --methods {args.name} --world synthetic --datasets eurosat --seeds 1" if args.into is None
+           else f"PYTHONPATH={written[0].parent} python run.py --plugin {args.name} --methods {args.name} "
+                f"--world synthetic --datasets eurosat --seeds 1")
+    console.print(f"Next: python -m pytest -q {test}   (passes as written), then\n      {run}\n"
+                  "Edit the method's computation, its YAML and its first test; the README's \"Adding a method\" "
+                  "walks through each file.", soft_wrap=True, highlight=False, markup=False)
+    return 0
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _interrupt_on_sigterm() -> None:
@@ -627,7 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run"] + argv
     args = build_parser().parse_args(argv)
     _interrupt_on_sigterm()
-    commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "bench": cmd_bench}
+    commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "bench": cmd_bench, "check": cmd_check,
+                "new-method": cmd_new_method}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -635,5 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError, DatasetError, BackboneError) as exc:
         # soft wrap: paths in messages must stay copyable
-        console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True, markup=True)
         return 2

@@ -106,10 +106,14 @@ def run_identity(spec: RunSpec) -> str:
     """A short hash of everything that can change the numbers of a run.
 
     The transfer run's evaluation targets are not part of it: they only add evaluations
-    of the same trained weights."""
+    of the same trained weights; nor are other methods' options or the fast paths."""
     config = json.loads(json.dumps(spec.config))
     for key in _NOT_IDENTITY:
         _strip(config, key)
+    # only the run's own method options: registering another method (a plugin, a new file
+    # in methods/) adds its defaults to every config but changes no run's numbers
+    own = get_method(spec.method).node
+    config["TRAINER"] = {k: v for k, v in config.get("TRAINER", {}).items() if k in ("NAME", own)}
     payload = {
         "method": spec.method, "method_version": spec.method_version, "protocol": spec.protocol,
         "stage": spec.stage, "dataset": spec.dataset, "seed": spec.seed, "shots": spec.shots,

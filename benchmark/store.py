@@ -47,6 +47,12 @@ def checkpoint_path(output: str | Path, spec) -> Path:
             / f"shots{spec.shots}-seed{spec.seed}-{spec.run_id}.pt")
 
 
+def log_path(output: str | Path, spec) -> Path:
+    """The run's own log (every message of the run, epochs included), beside nothing else."""
+    return (Path(output) / "logs" / spec.method / spec.protocol / spec.dataset
+            / f"shots{spec.shots}-seed{spec.seed}-{spec.run_id}.log")
+
+
 def lock_path(output: str | Path, spec) -> Path:
     return record_path(output, spec).with_suffix(".lock")
 

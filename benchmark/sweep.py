@@ -18,6 +18,7 @@ the evaluations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -141,10 +142,11 @@ def run_one(spec: dict, output: str, options: RunOptions) -> dict:
                                   stale_after=options.stale_lock_s)
     except store.LockHeld as held:
         return _outcome(run, "elsewhere", str(held))
-    with lock:
+    with lock, _run_log(store.log_path(output, run)):
         if not options.force and store.is_finished(output, run):
             return _outcome(run, "skipped", "finished by another sweep")
         previous = None if options.force else store.previous_record(output, run)
+        log.info("run %s (%s) on %s", run.label, run.run_id, options.device or "auto")
         try:
             record = execute(run, device=options.device, previous=previous,
                              checkpoint=store.checkpoint_path(output, run),
@@ -157,6 +159,26 @@ def run_one(spec: dict, output: str, options: RunOptions) -> dict:
                                      getattr(exc, "details", None))
         store.write_json_atomic(store.record_path(output, run), record)
     return _outcome(run, record["status"], record.get("error"), time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _run_log(path: Path):
+    """Every log message of the run (epochs, accuracies, warnings) also goes to its own
+    file under <output>/logs/, whatever the console shows; appended on a retry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level or logging.WARNING, logging.INFO))  # the console handler keeps its own level
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def unique_specs(specs: Sequence[RunSpec]) -> list[RunSpec]:

@@ -5,6 +5,7 @@ tests prove)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,52 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, tiny_clip):
     checkpoint.save(wide, tmp_path / "wide.pt")
     with pytest.raises(checkpoint.CheckpointError, match="shape"):
         checkpoint.load(model, tmp_path / "wide.pt")
+
+
+# -- bad input on the command line: a clear message and a non-zero exit, before any work --
+def _cli(capsys, *args):
+    from benchmark.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--methods", "mmaa"), "Did you mean: mma"),
+    (("--datasets", "eurosatt"), "eurosat"),
+    (("--protocol", "base2novell"), "base2novel"),
+    (("--seeds", "1,two"), "expected comma-separated integers"),
+    (("--shots", "4,x"), "expected comma-separated integers"),
+    (("--shots", "0"), "--shots must be positive"),
+    (("--opts", "OPTIM.NO_SUCH_KEY", "1"), "does not exist"),
+    (("--opts", "OPTIM.MAX_EPOCH", "ten"), "of the key's type"),
+])
+def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys, args, expected):
+    code, text = _cli(capsys, "--world", "synthetic", "--output", str(tmp_path / "out"), *args)
+    assert code == 2 and expected in text, text
+    assert not (tmp_path / "out" / "records").exists()  # nothing ran
+
+
+def test_listed_test_images_missing_on_disk_are_reported_before_any_run(tmp_path, capsys):
+    from datasets.base import build_dataset
+    from datasets.synthetic import write_synthetic_root
+
+    root = write_synthetic_root(tmp_path / "data", ["eurosat"])
+    gone = build_dataset("eurosat", root, num_shots=0).test[-1].impath
+    Path(gone).unlink()
+    code, text = _cli(capsys, "--root", str(root), "--methods", "zsclip", "--datasets", "eurosat",
+                      "--output", str(tmp_path / "out"))
+    assert code == 2 and gone in text and "not on disk" in text
+    assert not (tmp_path / "out" / "records").exists()
+
+
+def test_an_empty_class_list_is_refused(tiny_clip):
+    import benchmark
+    from methods.registry import MethodError
+
+    with pytest.raises(MethodError, match="at least one class name"):
+        benchmark.build("coop", [], clip=tiny_clip)
