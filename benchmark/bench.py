@@ -175,14 +175,7 @@ def measure_method(method: str, clip: torch.nn.Module, s: BenchSettings, device:
             def step():
                 with trainer._autocast(device, precision, training=True):
                     loss = model.loss(model(images), labels)
-                optimizer.zero_grad()
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                trainer.optimizer_step(loss, optimizer, scaler)
 
             def steps():
                 for _ in range(s.steps):

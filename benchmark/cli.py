@@ -512,17 +512,36 @@ def sweep_display(executor: str):
                    TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"),
                    console=console, refresh_per_second=4)
     task = bar.add_task(executor, total=None, counts="starting", eta="-")
+    # the run in progress (sweeps in this process): training steps, then evaluated images
+    inner = bar.add_task("", total=None, counts="", eta="-", visible=False)
+
+    def run_progress(stage: str, done: int, total: int, text: str) -> None:
+        task_view = bar.tasks[inner]
+        if task_view.description != stage:
+            bar.reset(inner, total=total, description=stage, visible=True)
+        rate = done / task_view.elapsed if task_view.elapsed else 0.0
+        unit = "steps" if stage == "train" else "img"
+        left = (total - done) / rate if rate else None
+        bar.update(inner, completed=done, total=total, counts=f"{text}, {rate:.1f} {unit}/s", eta=_duration(left))
 
     def live(event: str, spec, state) -> None:
         bar.update(task, total=max(state.todo, 1), completed=state.settled, counts=sweep_counts(state),
                    eta=_duration(state.eta()))
+        if event == "start":
+            bar.update(inner, visible=False, description="")
         if event == "failed":
             bar.console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
         elif event == "elsewhere":
             bar.console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
 
-    with bar:
-        yield live
+    from benchmark import trainer
+
+    trainer.set_progress(run_progress)
+    try:
+        with bar:
+            yield live
+    finally:
+        trainer.set_progress(None)
 
 
 def show_table(protocol: str, table, title: str) -> None:

@@ -294,11 +294,7 @@ def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_sh
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}-{dataset}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir, f"{name}-{dataset}.png"))
     return paths
 
 
@@ -309,6 +305,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, out_dir: str | Path, filename: str) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    path = out_dir / filename
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
 
 
 def base2novel_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "base2novel") -> list[Path]:
@@ -336,13 +342,7 @@ def base2novel_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "base
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=min(len(methods) + 1, 6), loc="lower left")
     axes[-1].set_xticks(np.arange(len(datasets)), labels=datasets, rotation=35, ha="right", fontsize=8)
-    fig.tight_layout()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-bars.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir, f"{name}-bars.png")]
 
 
 def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: str) -> list[Path]:
@@ -374,13 +374,7 @@ def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: st
     ax.set_xlabel(label)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-delta.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir, f"{name}-delta.png")]
 
 
 def latex_table(shown: pd.DataFrame, caption: str = "") -> str:

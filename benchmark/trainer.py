@@ -69,6 +69,23 @@ def out_of_memory(exc: BaseException, cfg, stage: str, n_classes: int, precision
                          kind="out_of_memory", stage=stage, batch_size=batch, n_classes=n_classes)
 
 
+# -- progress ---------------------------------------------------------------------------
+# Where a run in this process reports its progress: ``fn(stage, done, total, text)`` with
+# stage "train" (steps) or "eval" (images).  The command line's live display sets it for
+# sweeps that run in this process; nothing is reported otherwise.
+_progress: Callable[[str, int, int, str], None] | None = None
+
+
+def set_progress(fn: Callable[[str, int, int, str], None] | None) -> None:
+    global _progress
+    _progress = fn
+
+
+def _report(stage: str, done: int, total: int, text: str = "") -> None:
+    if _progress is not None:
+        _progress(stage, done, total, text)
+
+
 # -- seeding -----------------------------------------------------------------------------
 def set_random_seed(seed: int) -> None:
     """As the reference toolbox: random, numpy, torch (and every CUDA device), in order."""
@@ -268,6 +285,19 @@ class FitContext:
         return image_features(model, data, self.cfg, self.device, self.precision, self.backbone_id)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward and one update, through the GradScaler under amp (as the reference trainers)."""
+    optimizer.zero_grad()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
           on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
     params = model.trainable_parameters()
@@ -279,6 +309,7 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
     optimizer = build_optimizer(params, cfg)
     scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
     epoch_losses, steps, last_finite = [], 0, None
+    total_steps = len(lrs) * len(loader)
     for epoch, lr in enumerate(lrs):
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -295,20 +326,14 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
                                     f"last finite loss: {last_finite}. Lower OPTIM.LR or use PREC fp32.",
                                     kind="non_finite_loss", epoch=epoch + 1, step=batch + 1,
                                     loss=str(loss.item()), last_finite_loss=last_finite)
-            optimizer.zero_grad()
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(loss, optimizer, scaler)
             last_finite = loss.item()
             total += last_finite
             count += 1
             steps += 1
             if on_step is not None:
                 on_step(epoch, batch, last_finite)
+            _report("train", steps, total_steps, f"epoch {epoch + 1}/{len(lrs)} loss {last_finite:.4f}")
         epoch_losses.append(total / max(count, 1))
         log.info("epoch %d/%d lr %.4e loss %.4f", epoch + 1, len(lrs), lr, epoch_losses[-1])
         model.on_epoch_end(epoch, len(lrs))
@@ -386,7 +411,11 @@ def batch_logits(model: Method, data: Sequence[Datum], cfg, device: torch.device
 
 def predict(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
             backbone_id: str | None = None) -> np.ndarray:
-    preds = [logits.argmax(dim=-1).cpu() for logits in batch_logits(model, data, cfg, device, precision, backbone_id)]
+    preds, done = [], 0
+    for logits in batch_logits(model, data, cfg, device, precision, backbone_id):
+        preds.append(logits.argmax(dim=-1).cpu())
+        done += len(logits)
+        _report("eval", done, len(data), f"{len(model.classnames)} classes")
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 

@@ -20,6 +20,16 @@ from typing import Any, Callable, Iterable, Iterator
 TICK_S = 1.0
 
 
+def import_optional(module: str, hint: str):
+    """Import an optional engine (Ray, submitit), or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ExecutorUnavailable(f"{hint} ({exc})") from None
+
+
 class ExecutorUnavailable(RuntimeError):
     """The executor's optional package (Ray, submitit) is not installed; the message says how
     to install it (it holds brackets, ``.[ray]``: print it without markup)."""

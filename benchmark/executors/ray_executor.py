@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable, Iterator
 
-from benchmark.executors.base import TICK_S, Executor, ExecutorUnavailable, lost
+from benchmark.executors.base import TICK_S, Executor, import_optional, lost
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = ("--executor ray needs Ray, which is not installed in this Python environment. Install it "
@@ -24,11 +24,7 @@ INSTALL_HINT = ("--executor ray needs Ray, which is not installed in this Python
 
 
 def import_ray():
-    try:
-        import ray
-    except ImportError as exc:
-        raise ExecutorUnavailable(f"{INSTALL_HINT} ({exc})") from None
-    return ray
+    return import_optional("ray", INSTALL_HINT)
 
 
 def _call(fn: Callable[[Any], dict], item: Any) -> dict:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from benchmark.executors.base import TICK_S, Executor, ExecutorUnavailable, lost
+from benchmark.executors.base import TICK_S, Executor, import_optional, lost
 
 log = logging.getLogger(__name__)
 CLUSTERS = ("slurm", "local", "debug")
@@ -38,11 +38,7 @@ GENERIC = ("timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "
 
 
 def import_submitit():
-    try:
-        import submitit
-    except ImportError as exc:
-        raise ExecutorUnavailable(f"{INSTALL_HINT} ({exc})") from None
-    return submitit
+    return import_optional("submitit", INSTALL_HINT)
 
 
 def parse_minutes(text: str | int) -> int:
