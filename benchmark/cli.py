@@ -517,12 +517,15 @@ def sweep_display(executor: str):
 
     def run_progress(stage: str, done: int, total: int, text: str) -> None:
         task_view = bar.tasks[inner]
-        if task_view.description != stage:
+        new_stage = task_view.description != stage
+        if new_stage:
             bar.reset(inner, total=total, description=stage, visible=True)
         rate = done / task_view.elapsed if task_view.elapsed else 0.0
         unit = "steps" if stage == "train" else "img"
         left = (total - done) / rate if rate else None
-        bar.update(inner, completed=done, total=total, counts=f"{text}, {rate:.1f} {unit}/s", eta=_duration(left))
+        # drawn at once when a stage starts (a short run may end between two refreshes)
+        bar.update(inner, completed=done, total=total, counts=f"{text}, {rate:.1f} {unit}/s", eta=_duration(left),
+                   refresh=new_stage)
 
     def live(event: str, spec, state) -> None:
         bar.update(task, total=max(state.todo, 1), completed=state.settled, counts=sweep_counts(state),

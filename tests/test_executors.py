@@ -5,8 +5,9 @@ method) is retried and the sweep completes, and with its retries used up the fai
 recorded and reported; two sweeps on one results folder at once (two real processes)
 run each run once; run locks; an executor whose package is missing says how to install it.
 
-Ray starts once for the module (slow on 2 cores); run with OMP_NUM_THREADS=1 so that
-every process computes with the same thread count (the records are compared exactly)."""
+Ray starts once for the module (slow on 2 cores).  Every process of this module computes
+with one CPU thread (Ray's workers do by default), so that the records can be compared
+exactly: with other thread counts, float sums round differently in the last bits."""
 
 from __future__ import annotations
 
@@ -75,6 +76,22 @@ class Sleepy(ZeroShotCLIP):
         time.sleep(2.0)
         return {}
 '''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread here and in every worker this module starts (they read the variable)."""
+    import torch
+
+    saved_env, saved_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved_threads)
+    if saved_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved_env
 
 
 @pytest.fixture(scope="module")

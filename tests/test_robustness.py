@@ -190,3 +190,18 @@ def test_an_empty_class_list_is_refused(tiny_clip):
 
     with pytest.raises(MethodError, match="at least one class name"):
         benchmark.build("coop", [], clip=tiny_clip)
+
+
+def test_a_failed_run_is_recorded_with_its_details_and_the_sweep_goes_on(tmp_path, capsys):
+    from benchmark import store
+
+    out = tmp_path / "out"
+    code, text = _cli(capsys, "--methods", "coop,zsclip", "--world", "synthetic", "--datasets", "eurosat",
+                      "--seeds", "1", "--output", str(out), "--opts", "OPTIM.LR", "1e400", "OPTIM.WARMUP_EPOCH", "0",
+                      "OPTIM.MAX_EPOCH", "3")
+    assert code == 1 and "1 done" in text and "1 failed" in text and "Loss is nan" in text
+    records = {r["method"]: r for r in store.iter_records(out)}
+    assert records["zsclip"]["status"] == "ok"
+    failed = records["coop"]
+    assert failed["status"] == "failed" and failed["details"]["kind"] == "non_finite_loss"
+    assert (failed["details"]["epoch"], failed["details"]["step"]) == (2, 1) and "Traceback" in failed["traceback"]

@@ -134,8 +134,9 @@ class LocalExecutor(Executor):
         yield from self._pool(fn, list(items), tick or (lambda: None))
 
     def _threads(self) -> int:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return 0  # the user chose
+        chosen = os.environ.get("OMP_NUM_THREADS", "")
+        if chosen.isdigit() and int(chosen) > 0:
+            return int(chosen)  # the user chose (set explicitly: a pre-started process may not have read it)
         return max(1, (os.cpu_count() or 1) // len(self.slots))
 
     def _start(self, ctx, slot: str | None) -> _Worker:
