@@ -194,14 +194,7 @@ class MMA(Method):
         x = visual.ln_post(x[:, 0, :])
         return x @ visual.proj
 
-    def text_features(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return self.encode_text()
-        if self._text_cache is None:  # evaluation: the class prompts are encoded once
-            self._text_cache = self.encode_text()
-        return self._text_cache
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        text = F.normalize(self.text_features(), dim=-1)
+        text = F.normalize(self.prompt_features(), dim=-1)
         image = F.normalize(self.encode_image(images), dim=-1)
         return self.clip.logit_scale.exp() * image @ text.t()

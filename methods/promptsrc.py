@@ -247,13 +247,6 @@ class PromptSRC(Method):
         x = visual.ln_post(x[:, 0, :])
         return x @ visual.proj
 
-    def text_features(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return self.encode_text()
-        if self._text_cache is None:  # evaluation: the class prompts are encoded once
-            self._text_cache = self.encode_text()
-        return self._text_cache
-
     @torch.no_grad()
     def frozen_text_features(self) -> torch.Tensor:
         """CLIP's fp32 text features averaged over the 60 templates (not normalised), one per class;
@@ -280,7 +273,7 @@ class PromptSRC(Method):
     # -- forward and loss -----------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logit_scale = self.clip.logit_scale.exp()
-        text = self.text_features()
+        text = self.prompt_features()
         image = self.encode_image(images)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)

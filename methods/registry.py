@@ -289,6 +289,18 @@ class Method(nn.Module):
         """Rebuild whatever depends on the class names (novel classes, other datasets)."""
         raise NotImplementedError(f"{type(self).__name__} cannot change its class names")
 
+    # Methods whose text features come from ``encode_text()`` (learned prompts, adapters)
+    # read them through ``prompt_features``: recomputed at every training step, encoded once
+    # at evaluation.  They set ``_text_cache = None`` where the class names or weights change.
+    _text_cache: torch.Tensor | None = None
+
+    def prompt_features(self) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            return self.encode_text()
+        if self._text_cache is None:  # evaluation: the class prompts are encoded once
+            self._text_cache = self.encode_text()
+        return self._text_cache
+
     # Methods whose image features are exactly the frozen tower's output (``image_features``
     # below, never trained, never prompted) say so and split ``forward`` into
     # ``image_features`` and ``logits_from_features``: evaluation then shares test features
