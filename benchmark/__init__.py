@@ -11,49 +11,65 @@ The Python API used from notebooks and by the tests:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from benchmark.backbone import load_clip
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["load_clip", "build", "load_official_checkpoint", "make_config"]
 
 
-def make_config(method: str, dataset: str = "", protocol: str = "base2novel", **overrides):
-    """The resolved config of a method (defaults < method YAML < overrides), unfrozen.
+def __getattr__(name: str):
+    # the backbone (torch, open_clip) is imported when first used, not by every
+    # ``import benchmark.<module>``: light modules (files, records) stay light
+    if name == "load_clip":
+        from benchmark.backbone import load_clip
+
+        return load_clip
+    raise AttributeError(f"module 'benchmark' has no attribute {name!r}")
+
+
+def make_config(method: str, dataset: str = "", protocol: str = "base2novel", *, shots: int = 16, seed: int = 1,
+                **overrides):
+    """The resolved config of a method, unfrozen, through the same function as a sweep's
+    runs (``protocols.resolve_config``: defaults < method YAML and its variants <
+    overrides), so that the Python API and the command line cannot drift apart.
 
     Overrides use the method's own key names (``ADAPTER_SCALE=0.1``) or dotted full keys
     (``**{"OPTIM.LR": 0.01}``).
     """
-    from benchmark import config as C
-    from benchmark.protocols import method_yaml
-    from methods.registry import add_method_defaults, get_method
+    from benchmark.protocols import resolve_config
+    from methods.registry import get_method
 
-    info = get_method(method)
-    cfg = C.get_cfg_default()
-    add_method_defaults(cfg)
-    C.merge_dict(cfg, method_yaml(method, [protocol, dataset]), f"methods/configs/{method}.yaml")
-    cfg.DATASET.NAME = dataset
-    cfg.TRAINER.NAME = info.node
+    node = get_method(method).node
     opts = []
     for key, value in overrides.items():
-        full = key if "." in key else f"TRAINER.{info.node}.{key}"
+        full = key if "." in key else f"TRAINER.{node}.{key}"
         opts += [full, repr(value) if not isinstance(value, str) else value]
-    C.merge_opts(cfg, opts, source=f"overrides for {method}")
+    cfg = resolve_config(method, protocol, dataset, seed=seed, shots=shots, subsample="all", root="",
+                         backbone="", opts=opts, source=f"overrides for {method}")
+    cfg.defrost()
     return cfg
 
 
-def build(method: str, classnames: Sequence[str], clip=None, *, dataset: str = "",
+def build(method: str, classnames: Sequence[str], clip=None, *, dataset: str = "", shots: int = 16,
           device: str | torch.device = "cpu", **overrides):
-    """The method's nn.Module for these class names (fp32, on ``device``)."""
-    from methods.registry import build_method
+    """The method's nn.Module for these class names on ``device``, in the precision layout a
+    run on that device uses (``PREC``: fp16 casts CLIP to half precision on a GPU; every
+    mode runs in fp32 on a CPU).  ``clip``: a CLIP model (used as it is, cast in place when
+    the precision needs it), a backbone name or file (default ViT-B/16).  ``dataset``: the
+    catalogue's name of what it classifies, for its prompt template; ``shots``: training
+    images per class of the run it stands for."""
+    from benchmark.backbone import load_clip, resolve_device
+    from benchmark.models import dataset_context, prepare_model
 
     if clip is None or isinstance(clip, (str, Path)):
         clip = load_clip(str(clip or "ViT-B/16"), "cpu")
-    cfg = make_config(method, dataset, **overrides)
+    cfg = make_config(method, dataset, shots=shots, **overrides)
     cfg.freeze()
-    return build_method(method, clip, classnames, cfg).to(device)
+    model, _, _ = prepare_model(method, cfg, dataset_context(dataset, classnames, shots=shots),
+                                device=resolve_device(device), clip=clip)
+    return model
 
 
 def load_official_checkpoint(model, path: str | Path) -> dict:
@@ -71,10 +87,14 @@ def load_official_checkpoint(model, path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist. Official runs write it as "
                                 f"<output>/<registered name>/model.pth.tar-<epoch>.")
-    from benchmark.safe_load import load_checkpoint
+    import torch
+
+    from benchmark.safe_load import UnsafeCheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(path)
+    except UnsafeCheckpointError:  # a ValueError naming the file and what it refers to
+        raise
     except Exception as exc:
         raise ValueError(f"{path} is not a checkpoint that can be read safely: {exc}") from exc
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
@@ -86,6 +106,8 @@ def load_official_checkpoint(model, path: str | Path) -> dict:
 
 def save_official_checkpoint(model, path: str | Path, epoch: int) -> Path:
     """Write the learned weights in the official checkpoint layout (readable by both)."""
+    import torch
+
     path = Path(path)
     if hasattr(model, "save_official_file"):
         return model.save_official_file(path, epoch)

@@ -136,44 +136,46 @@ def measure_method(method: str, clip: torch.nn.Module, s: BenchSettings, device:
                    cache_dir: Path, data_root: Path, backbone_id: str) -> dict:
     from benchmark import trainer
     from benchmark.backbone import clip_info
-    from datasets.base import build_dataset
-    from methods.registry import ClassesNotSupported, build_method, get_method
+    from benchmark.loaders import eval_inputs
+    from benchmark.models import dataset_context, prepare_model
+    from benchmark.precision import autocast, grad_scaler
+    from datasets.build import build_dataset
+    from methods.registry import ClassesNotSupported
 
     size = clip_info(clip)["image_size"]
-    info = get_method(method)
     base = build_dataset("caltech101", data_root, num_shots=s.shots, seed=1, subsample="base")
     everything = build_dataset("caltech101", data_root, num_shots=0, seed=1, subsample="all")
     out: dict = {"method": method}
     for mode in MODES:
         cfg = _config(method, s, mode, cache_dir, size)
-        precision = trainer.effective_precision(str(cfg.TRAINER[info.node].get("PREC", "fp32")), device)
-        out["precision"] = precision
-        model_clip = trainer.cast_clip(copy.deepcopy(clip), precision)
         torch.manual_seed(0)
         # text side, at ImageNet's class count
-        big = build_method(method, copy.deepcopy(model_clip), class_names(s.text_classes), cfg).to(device)
+        big, _, precision = prepare_model(method, cfg, dataset_context("imagenet", class_names(s.text_classes)),
+                                          device=device, clip=copy.deepcopy(clip))
+        out["precision"] = precision
         text = _text_pass(big)
         if text is not None:
             big.train()
 
             def text_step():
-                with trainer._autocast(device, precision, training=True):
+                with autocast(device, precision, training=True):
                     features = text()
                 features.float().sum().backward()
 
             out[f"text_ms_{mode}"] = 1000 * _median_time(text_step, device, s.repeats)
         # training steps on random images of the base classes
-        model = build_method(method, model_clip, base.classnames, cfg).to(device)
+        model, _, _ = prepare_model(method, cfg, dataset_context("caltech101", base.classnames, shots=s.shots),
+                                    device=device, clip=copy.deepcopy(clip))
         params = model.trainable_parameters()
         if params and model.fit is None:
             batch = int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
             images = torch.randn(batch, 3, size, size, device=device)
             labels = torch.randint(0, len(base.classnames), (batch,), device=device)
             optimizer = trainer.build_optimizer(params, cfg)
-            scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+            scaler = grad_scaler(precision)
 
             def step():
-                with trainer._autocast(device, precision, training=True):
+                with autocast(device, precision, training=True):
                     loss = model.loss(model(images), labels)
                 trainer.optimizer_step(loss, optimizer, scaler)
 
@@ -200,13 +202,13 @@ def measure_method(method: str, clip: torch.nn.Module, s: BenchSettings, device:
             model.fit(FitContext(base.train, base.val, cfg, device, precision, backbone_id))
         test = everything.test
         try:
-            model.set_classnames(everything.classnames)
+            model.use_dataset(dataset_context("caltech101", everything.classnames, shots=s.shots))
         except ClassesNotSupported:  # a linear probe knows its training classes only
             test = base.test
         n = out["eval_images"] = len(test)
 
         def evaluation():
-            trainer.evaluate(model, test, cfg, device, precision, backbone_id)
+            trainer.evaluate(model, test, eval_inputs(model, cfg, device, backbone_id), precision)
 
         if mode == "fast":
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -229,26 +231,26 @@ def logit_gap(method: str, clip: torch.nn.Module, s: BenchSettings, device: torc
     batch (relative to the largest logit)."""
     from benchmark import trainer
     from benchmark.backbone import clip_info
-    from methods.registry import build_method, get_method
+    from benchmark.models import dataset_context, prepare_model
+    from benchmark.precision import autocast
 
     size = clip_info(clip)["image_size"]
-    info = get_method(method)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(4, 3, size, size, generator=generator).to(device)
     labels = torch.arange(4, device=device) % len(classnames)
     logits = {}
     for mode in MODES:
         cfg = _config(method, s, mode, cache_dir, size)
-        precision = trainer.effective_precision(str(cfg.TRAINER[info.node].get("PREC", "fp32")), device)
         torch.manual_seed(0)
-        model = build_method(method, trainer.cast_clip(copy.deepcopy(clip), precision), classnames, cfg).to(device)
+        model, _, precision = prepare_model(method, cfg, dataset_context("caltech101", classnames), device=device,
+                                            clip=copy.deepcopy(clip))
         params = model.trainable_parameters()
         trained = model.fit is None and bool(params)
         optimizer = trainer.build_optimizer(params, cfg) if trained else None
         model.train()
         outputs = []
         for step in range(4 if trained else 1):
-            with trainer._autocast(device, precision, training=True):
+            with autocast(device, precision, training=True):
                 out = model(images)
                 loss = model.loss(out, labels)
             outputs.append(out.detach().float())

@@ -14,11 +14,11 @@ writes one for every run.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from benchmark.files import write_torch_atomic
 
 FORMAT = "clip-fewshot-benchmark/checkpoint-1"
 
@@ -33,19 +33,9 @@ def learned_state(model: torch.nn.Module) -> dict:
 
 
 def save(model, path: str | Path, **meta) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "method": model.registry_name, "classnames": list(model.classnames),
                "state": learned_state(model), **meta}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_torch_atomic(path, payload)
 
 
 def load(model, path: str | Path) -> dict:

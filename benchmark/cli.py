@@ -13,29 +13,30 @@ random tiny CLIP instead: a smoke test whose numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from benchmark.backbone import BackboneError
+from benchmark.display import (
+    PROTOCOL_TITLES,
+    SYNTHETIC_NOTE,
+    TOY_NOTE,
+    WORLD_TITLES,
+    console,
+    show_plan,
+    show_table,
+    sweep_display,
+)
 from datasets.base import DatasetError
+from datasets.worlds import WORLD_BACKBONES, WORLDS, default_world, prepare_world, world_of
 
 DEFAULT_OUTPUT = "results/runs"
-WORLD_BACKBONES = {"toy": "toy-clip", "synthetic": "tiny-clip-12"}
-TOY_NOTE = ("[bold cyan]Toy world:[/] generated scenes and a small CLIP pre-trained on them on a "
-            "CPU. This is not the paper's data: the numbers show how methods behave in the toy world "
-            "only. Pass --root DATA and --clip WEIGHTS for real results.")
-SYNTHETIC_NOTE = ("[bold yellow]Synthetic world: fake datasets and a tiny CLIP with random "
-                  "weights. These numbers only show that the pipeline runs; they mean nothing "
-                  "about any method.[/] Pass --root DATA and --clip WEIGHTS for real results.")
-
-console = Console(stderr=False)
+log = logging.getLogger(__name__)
 
 
 def _csv(text: str) -> list[str]:
@@ -47,12 +48,6 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3; got '{text}'")
-
-
-def default_world() -> str:
-    from benchmark.backbone import WEIGHTS_DIR
-
-    return "toy" if (WEIGHTS_DIR / f"{WORLD_BACKBONES['toy']}.pt").is_file() else "synthetic"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "cross_dataset/domain_generalization always saves its own)")
     run.add_argument("--root", default=None,
                      help="folder holding the datasets in the CoOp layout (default: the toy world)")
-    run.add_argument("--world", choices=("toy", "synthetic"), default=default_world(),
+    run.add_argument("--world", choices=WORLDS, default=default_world(),
                      help="without --root: toy (generated scenes and a CLIP pre-trained on them; "
                           "the default when its weights are shipped) or synthetic (coloured-shape "
                           "fakes and a random tiny CLIP: a smoke test whose numbers mean nothing)")
@@ -248,120 +243,13 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
                         handlers=[handler], force=True)
 
 
-def print_table(table, title: str) -> None:
-    """One rich table per method, narrow enough for 80 columns (std and the published
-    Base/Novel are in the markdown and CSV files)."""
-    from benchmark.tables import NOTE, _cell
-
-    for method, rows in table.groupby("method", sort=False):
-        rich_table = Table(title=f"{title}: {method}")
-        for column in ("Dataset", "Base", "Novel", "HM", "Seeds", "Paper HM", "ΔHM"):
-            rich_table.add_column(column, justify="left" if column == "Dataset" else "right")
-        for r in rows.itertuples(index=False):
-            delta = f"{r.delta_hm:+.2f}" if r.delta_hm == r.delta_hm else "-"
-            rich_table.add_row(r.dataset, _cell(r.base), _cell(r.novel), _cell(r.hm), str(r.seeds),
-                               _cell(r.paper_hm), delta)
-        console.print(rich_table)
-    console.print(NOTE, style="dim")
-
-
-PROTOCOL_TITLES = {"base2novel": "Base-to-novel", "cross_dataset": "Cross-dataset",
-                   "domain_generalization": "Domain generalisation", "few_shot": "Few-shot"}
-WORLD_TITLES = {"real": "", "toy": " (toy world)",
-                "synthetic": " (synthetic data, tiny random CLIP: meaningless)"}
-
-
-def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
-                 run_ids: set[str] | None = None):
-    """Write the tables (and few-shot plots) of every record under output, per protocol and
-    world (real data, toy world, synthetic fakes: never mixed, and only real data is
-    compared with published numbers).  Returns {(protocol, world): table} restricted to
-    ``run_ids`` (all records when None) and the paths written."""
-    from benchmark import store, tables
-
-    records = list(store.iter_records(output))
-    frame = tables.records_frame(records)
-    chosen = frame if run_ids is None else tables.records_frame(r for r in records if r.get("id") in run_ids)
-    shown, paths = {}, []
-    for protocol in protocols:
-        paper = tables.load_paper(protocol)
-        for world in frame["world"].unique():
-            pub = paper if world == "real" else None
-            name = protocol if world == "real" else f"{protocol}-{world}"
-
-            def make(part):
-                if protocol == "base2novel":
-                    return tables.base2novel_table(part, paper=pub)
-                return tables.accuracy_table(part, protocol, paper=pub)
-
-            table = make(frame[frame["world"] == world])
-            if table.empty:
-                continue
-            if protocol == "base2novel":
-                written = tables.write_tables(table, Path(output) / "tables", name)
-            else:
-                written = tables.write_accuracy_tables(table, Path(output) / "tables", name, protocol)
-            paths += [written["markdown"], written["csv"]]
-            plots = Path(output) / "plots"
-            if protocol == "few_shot":
-                paths += tables.few_shot_plots(table, plots, name)
-            if protocol == "base2novel":
-                paths += tables.base2novel_plots(table, plots, name)
-            paths += tables.delta_plot(table, plots, name, protocol)  # real data only: published numbers
-            part = chosen[chosen["world"] == world]
-            if not part.empty:
-                mine = table if run_ids is None else make(part)
-                if not mine.empty:
-                    shown[(protocol, world)] = mine
-    return shown, paths
-
-
-def prepare_world(world: str, output: Path) -> Path:
-    """The built-in datasets under output (written once; rewritten when their version
-    changes), under a lock: two sweeps started together on a fresh folder write them once."""
-    import fcntl
-
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / ".world.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        return _prepare_world(world, output)
-
-
-def _prepare_world(world: str, output: Path) -> Path:
-    import json
-
-    if world == "toy":
-        from benchmark.backbone import WEIGHTS_DIR
-        from datasets import toy
-
-        weights = WEIGHTS_DIR / f"{WORLD_BACKBONES['toy']}.pt"
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"The toy world needs its pre-trained CLIP at {weights}, which is not there (it ships with "
-                f"the repository: restore it with `git checkout -- benchmark/weights`). To train it again, "
-                f"run the `reproduce` command of benchmark/weights/toy-clip.json (5 minutes on one GPU), "
-                f"or use --world synthetic.")
-
-        root = output / "toy_data"
-        marker = root / toy.MARKER
-        if not marker.is_file() or json.loads(marker.read_text()).get("version") != toy.VERSION:
-            console.print(f"Writing the toy world's datasets to {root} ...")
-            toy.write_toy_root(root)
-        return root
-    from datasets import synthetic
-
-    root = output / "synthetic_data"
-    if not (root / synthetic.MARKER).is_file():
-        console.print(f"Writing synthetic datasets to {root} ...")
-        synthetic.write_synthetic_root(root)
-    return root
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark import backbone as B
-    from benchmark import protocols
+    from benchmark import protocols, tables
     from benchmark.sweep import run_sweep
-    from datasets.catalog import check_dataset, dataset_error, get_spec
+    from benchmark.check import check_sweep_data
+    from benchmark.files import check_writable
+    from datasets.catalog import resolve_name
     from methods.registry import get_method, load_plugins
 
     _setup_logging(args.verbose, args.quiet)
@@ -375,18 +263,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_plugins(args.plugin)
     for method in args.methods:
         get_method(method)
-    for name in args.datasets or []:
-        get_spec(name)
+    if args.datasets is not None:  # official spellings (OxfordPets) and oxfordpets name oxford_pets
+        args.datasets = list(dict.fromkeys(resolve_name(name) for name in args.datasets))
     chosen = protocols.parse_protocols(args.protocol)
     if args.shots is not None and (not args.shots or min(args.shots) < 1):
         raise ValueError(f"--shots must be positive integers such as 1,2,4; got {args.shots}.")
+    if args.executor == "local":  # elsewhere (Ray, SLURM) the devices are the workers'
+        B.resolve_device(args.device)
+    check_writable(args.output)
     opts = list(args.opts)
     if args.root is None:
         world = args.world
-        root = prepare_world(world, Path(args.output))
+        root = prepare_world(world, Path(args.output), announce=lambda text: console.print(text, soft_wrap=True))
     else:
-        from datasets.toy import world_of
-
         root = Path(args.root)
         world = world_of(root)  # a toy or synthetic root written earlier runs with its own CLIP
     if world != "real":
@@ -398,36 +287,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         opts = ["SPEED.CACHE_DIR", str(Path(args.output) / "cache")] + opts
     backbone = args.clip or WORLD_BACKBONES.get(world, B.DEFAULT_BACKBONE)
     backbone_id = B.backbone_fingerprint(backbone)
+    B.clip_copy(backbone)  # a file that is not CLIP weights fails here, once, not in every run
     specs = protocols.expand(args.protocol, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
                              shots=args.shots, root=str(root), backbone=backbone,
                              backbone_id=backbone_id, user_yaml=args.config_file, opts=opts)
-    datasets = sorted({s.dataset for s in specs} | {e.dataset for s in specs for e in s.evals})
     if args.root is not None:
-        problems = {name: check_dataset(name, root) for name in datasets}
-        problems = {k: v for k, v in problems.items() if v}
-        if problems:
-            messages = [str(dataset_error(name, root, p)) for name, p in problems.items()]
-            raise DatasetError("\n\n".join(messages) + f"\n\n{len(problems)} of {len(datasets)} datasets "
-                               "are not ready. Fix them, or leave them out with --datasets.")
-        from benchmark.check import missing_eval_images
-
-        absent = {name: missing_eval_images(name, root) for name in datasets}
-        absent = {k: v for k, v in absent.items() if v}
-        if absent:
-            lines = [f"{name}: {len(files)} test or validation images listed in its split file are not on disk, "
-                     f"e.g. {files[0]}" for name, files in absent.items()]
-            raise DatasetError("\n".join(lines) + "\nRe-extract the images into the dataset folder (or use the "
-                               "split file that came with them); `python run.py check --root " + str(root) +
-                               "` lists every dataset's state.")
+        check_sweep_data(specs, root)
     if args.dry_run:
-        return dry_run(specs, args.output)
+        from benchmark.sweep import estimate
+
+        show_plan(estimate(specs, args.output), len(specs))
+        return 0
 
     from benchmark.executors import get_executor
 
-    with get_executor(args.executor, **executor_options) as executor, sweep_display(executor.name) as progress:
+    with get_executor(args.executor, **executor_options) as executor, \
+            sweep_display(executor.name) as (progress, run_progress):
         summary = run_sweep(specs, args.output, executor=executor, device=args.device, force=args.force,
                             save_checkpoints=args.save_checkpoints, progress=progress, plugins=args.plugin,
-                            stale_lock_s=args.stale_lock_minutes * 60)
+                            stale_lock_s=args.stale_lock_minutes * 60, run_progress=run_progress)
     elsewhere = f", {len(summary.elsewhere)} running in another sweep" if summary.elsewhere else ""
     console.print(f"Runs: {len(summary.done)} done, {len(summary.skipped)} already finished, "
                   f"{len(summary.failed)} failed{elsewhere}, in {summary.seconds:.1f} s", soft_wrap=True)
@@ -440,10 +318,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.elsewhere:
         console.print("Runs of another sweep are left to it: run the same command again when it ends for "
                       "complete tables.")
-    shown, paths = build_tables(args.output, chosen, run_ids={spec.run_id for spec in specs})
-    for (protocol, world), table in shown.items():
+    built = tables.build_tables(args.output, chosen, run_ids={spec.run_id for spec in specs})
+    for (protocol, world), table in built.shown.items():
         show_table(protocol, table, PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, ""))
-    console.print("Tables: " + ", ".join(str(p) for p in paths), soft_wrap=True)
+    if built.damaged:
+        console.print(built.skipped_note, style="yellow", soft_wrap=True, highlight=False, markup=False)
+    console.print("Tables: " + ", ".join(str(p) for p in built.paths), soft_wrap=True)
     return 1 if summary.failed else 0
 
 
@@ -477,176 +357,17 @@ def _executor_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def sweep_counts(state) -> str:
-    """'3 done, 2 running, 0 failed, 5 skipped' (+ running elsewhere) of a SweepState."""
-    text = f"{state.done} done, {state.running} running, {state.failed} failed, {state.skipped} skipped"
-    return text + (f", {state.elsewhere} elsewhere" if state.elsewhere else "")
-
-
-@contextlib.contextmanager
-def sweep_display(executor: str):
-    """The sweep's progress: a live rich line (runs done, running, failed and skipped, elapsed
-    time, time left) on a terminal; plain lines otherwise (logs, CI, captured output)."""
-    if not console.is_terminal:
-        def plain(event: str, spec, state) -> None:
-            if event == "start":
-                console.print(f"[{state.started_runs}/{state.todo}] {spec.label}", highlight=False)
-            elif event == "failed":
-                console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
-            elif event == "elsewhere":
-                console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
-
-        yield plain
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
-                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"),
-                   console=console, refresh_per_second=4)
-    task = bar.add_task(executor, total=None, counts="starting", eta="-")
-    # the run in progress (sweeps in this process): training steps, then evaluated images
-    inner = bar.add_task("", total=None, counts="", eta="-", visible=False)
-
-    def run_progress(stage: str, done: int, total: int, text: str) -> None:
-        task_view = bar.tasks[inner]
-        new_stage = task_view.description != stage
-        if new_stage:
-            bar.reset(inner, total=total, description=stage, visible=True)
-        rate = done / task_view.elapsed if task_view.elapsed else 0.0
-        unit = "steps" if stage == "train" else "img"
-        left = (total - done) / rate if rate else None
-        # drawn at once when a stage starts (a short run may end between two refreshes)
-        bar.update(inner, completed=done, total=total, counts=f"{text}, {rate:.1f} {unit}/s", eta=_duration(left),
-                   refresh=new_stage)
-
-    def live(event: str, spec, state) -> None:
-        bar.update(task, total=max(state.todo, 1), completed=state.settled, counts=sweep_counts(state),
-                   eta=_duration(state.eta()))
-        if event == "start":
-            bar.update(inner, visible=False, description="")
-        if event == "failed":
-            bar.console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
-        elif event == "elsewhere":
-            bar.console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
-
-    from benchmark import trainer
-
-    trainer.set_progress(run_progress)
-    try:
-        with bar:
-            yield live
-    finally:
-        trainer.set_progress(None)
-
-
-def show_table(protocol: str, table, title: str) -> None:
-    if protocol == "base2novel":
-        print_table(table, title)
-    else:
-        print_accuracy_table(protocol, table, title)
-
-
-def print_accuracy_table(protocol: str, table, title: str) -> None:
-    """One rich table per method: datasets as rows, one column per shot count (and the
-    published number with the difference for a single shot count)."""
-    from benchmark.tables import TRANSFER_NOTE, _cell
-
-    for method, rows in table.groupby("method", sort=False):
-        shots = sorted(rows["shots"].unique())
-        rich_table = Table(title=f"{title}: {method}")
-        rich_table.add_column("Dataset")
-        for k in shots:
-            rich_table.add_column(f"{k}-shot" if len(shots) > 1 else "Accuracy", justify="right")
-        if len(shots) == 1:
-            for column in ("Seeds", "Paper", "Δ"):
-                rich_table.add_column(column, justify="right")
-        for dataset, group in rows.groupby("dataset", sort=False):
-            cells = group.set_index("shots")
-            values = [_cell(cells.loc[k, "accuracy"], cells.loc[k, "std"]) if k in cells.index else "-" for k in shots]
-            if len(shots) == 1:
-                c = cells.iloc[0]
-                values += [str(int(c["seeds"])), _cell(c["paper"]),
-                           f"{c['delta']:+.2f}" if c["delta"] == c["delta"] else "-"]
-            rich_table.add_row(dataset, *values)
-        console.print(rich_table)
-    console.print(TRANSFER_NOTE[protocol], style="dim")
-
-
-def dry_run(specs, output) -> int:
-    """List the runs with their state and estimate the work still to do."""
-    import math
-
-    from benchmark import store
-    from datasets.base import build_dataset
-
-    sizes: dict[tuple, tuple[int, int]] = {}
-
-    def size(dataset: str, subsample: str, root: str) -> tuple[int, int]:  # (classes, test images)
-        key = (dataset, subsample, root)
-        if key not in sizes:
-            splits = build_dataset(dataset, root, num_shots=0, subsample=subsample)
-            sizes[key] = (len(splits.classnames), len(splits.test))
-        return sizes[key]
-
-    seconds_per_step: dict[str, list[float]] = {}
-    for rec in store.iter_records(output):
-        if rec.get("status") == "ok" and rec.get("train", {}).get("steps"):
-            seconds_per_step.setdefault(rec["method"], []).append(rec["timings"]["train_s"] / rec["train"]["steps"])
-    table = Table(title=f"Dry run: {len(specs)} runs")
-    for column in ("#", "run", "state", "train steps", "eval images"):
-        table.add_column(column, justify="right" if column in ("#", "train steps", "eval images") else "left",
-                         overflow="fold")
-    totals = {"done": 0, "partial": 0, "to do": 0}
-    steps_left, images_left, seconds_left, unknown = 0, 0, 0.0, set()
-    for i, spec in enumerate(specs, 1):
-        previous = store.previous_record(output, spec)
-        missing = spec.evals if previous is None else store.missing_evals(previous, spec)
-        state = "done" if previous is not None and not missing else "partial" if previous is not None else "to do"
-        totals[state] += 1
-        root = spec.config["DATASET"]["ROOT"]
-        n_classes, _ = size(spec.dataset, spec.subsample, root)
-        epochs = int(spec.config["OPTIM"]["MAX_EPOCH"])
-        batch = int(spec.config["DATALOADER"]["TRAIN_X"]["BATCH_SIZE"])
-        steps = max(1, (spec.shots * n_classes) // batch) * epochs if epochs > 0 else 0
-        images = sum(size(e.dataset, e.subsample, root)[1] for e in missing)
-        if state == "to do":
-            steps_left += steps
-            if steps:
-                if spec.method in seconds_per_step:
-                    seconds_left += steps * float(sorted(seconds_per_step[spec.method])[len(seconds_per_step[spec.method]) // 2])
-                else:
-                    unknown.add(spec.method)
-        images_left += images if state != "done" else 0
-        table.add_row(str(i), spec.label, state, str(steps) if state == "to do" else "-",
-                      str(images) if state != "done" else "-")
-    console.print(table)
-    estimate = (f"about {math.ceil(seconds_left / 60)} min of training at the speed of the finished runs"
-                if seconds_left else "no finished runs to estimate time from")
-    if unknown and seconds_left:
-        estimate += f" (no estimate for {', '.join(sorted(unknown))})"
-    console.print(f"{totals['done']} done, {totals['partial']} need more evaluations, {totals['to do']} to do: "
-                  f"{steps_left} training steps and {images_left} test images left; {estimate}. "
-                  f"Nothing was run.")
-    return 0
-
-
 def cmd_table(args: argparse.Namespace) -> int:
     from benchmark import protocols, store, tables
 
     chosen = protocols.parse_protocols(args.protocol)
-    shown, paths = build_tables(args.output, chosen)
-    if not shown:
+    built = tables.build_tables(args.output, chosen)
+    if built.damaged:
+        console.print(built.skipped_note, style="yellow", soft_wrap=True, highlight=False, markup=False)
+    if not built.shown:
         console.print(f"No finished {args.protocol} runs under {args.output}/records.")
         return 1
-    for (protocol, world), table in shown.items():
+    for (protocol, world), table in built.shown.items():
         title = PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, "")
         if args.format == "csv":
             print(f"# {protocol} {world}")
@@ -664,7 +385,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             print(compute.to_csv(index=False, float_format="%.2f"), end="")
         else:
             console.print(compute.to_markdown(index=False, floatfmt=".1f"))
-    console.print("Files: " + ", ".join(str(p) for p in paths), soft_wrap=True)
+    console.print("Files: " + ", ".join(str(p) for p in built.paths), soft_wrap=True)
     return 0
 
 

@@ -114,7 +114,12 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file with "
                           f"official-style keys (e.g. OPTIM: {{LR: 0.002}}).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not a text file ({exc.reason} at byte {exc.start}). Pass a YAML "
+                          f"file of official-style keys (e.g. OPTIM: {{LR: 0.002}}).") from exc
+    except OSError as exc:
+        raise ConfigError(f"Config file {path} cannot be read: {exc.strerror or exc}.") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

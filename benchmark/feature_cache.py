@@ -19,13 +19,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from benchmark import speed
+from benchmark.files import write_torch_atomic
 from datasets.base import Datum
 
 log = logging.getLogger(__name__)
@@ -53,43 +52,13 @@ def feature_key(data: Sequence[Datum], cfg, *, backbone_id: str, weight_dtype: t
     return h.hexdigest()[:32]
 
 
-def image_batches(data: Sequence[Datum], cfg, device: torch.device, batch_size: int, *,
-                  build: bool = True) -> Iterator[torch.Tensor]:
-    """Test-transformed images of ``data`` on ``device``, in order: from the decoded-image
-    cache (IMAGE_CACHE; with ``build`` False only when its entry exists already) or
-    through the PIL loader."""
-    root = speed.cache_dir(cfg)
-    if root is not None and speed.enabled(cfg, "IMAGE_CACHE"):
-        from benchmark.image_cache import DecodedImages, image_cache_key
-
-        if build or (root / "images" / f"{image_cache_key(data, cfg)}.json").is_file():
-            yield from DecodedImages.open_or_build(data, cfg, root).batches(batch_size, device, cfg)
-            return
-    from benchmark.trainer import test_loader
-
-    for images, _ in test_loader(data, cfg, device, batch_size=batch_size):
-        yield images.to(device, non_blocking=True)
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def frozen_features(encode: Callable[[torch.Tensor], torch.Tensor], data: Sequence[Datum], cfg,
-                    device: torch.device, *, key: str, batch_size: int,
-                    autocast: Callable = torch.no_grad) -> torch.Tensor:
+def frozen_features(encode: Callable[[torch.Tensor], torch.Tensor], data: Sequence[Datum],
+                    cache_dir: Path | None, *, key: str, batches: Callable[[], Iterator[torch.Tensor]],
+                    device: torch.device, autocast: Callable = torch.no_grad) -> torch.Tensor:
     """``encode`` (the frozen image tower) of every test-transformed image of ``data``, on
-    ``device``; read from the cache entry ``key`` when it exists, else computed and stored."""
-    root = speed.cache_dir(cfg)
-    path = root / "features" / f"{key}.pt" if root is not None else None
+    ``device``; read from the cache entry ``key`` under ``cache_dir`` when it exists, else
+    computed from ``batches()`` (the images, in order) and stored."""
+    path = Path(cache_dir) / "features" / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -100,11 +69,10 @@ def frozen_features(encode: Callable[[torch.Tensor], torch.Tensor], data: Sequen
             log.warning("Feature cache entry %s is unreadable (%s); computing it again.", path, exc)
     parts = []
     with torch.no_grad():
-        # the features are what is kept: decoded images are read only if another run left them
-        for images in image_batches(data, cfg, device, batch_size, build=False):
+        for images in batches():
             with autocast():
                 parts.append(encode(images))
     features = torch.cat(parts) if parts else torch.zeros(0)
     if path is not None:
-        _atomic_save({"key": key, "features": features.cpu(), "n_images": len(data)}, path)
+        write_torch_atomic(path, {"key": key, "features": features.cpu(), "n_images": len(data)})
     return features

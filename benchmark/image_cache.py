@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,12 +38,13 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from benchmark.store import write_json_atomic
+from benchmark.files import atomic_path, write_json_atomic
+from benchmark.images import ImageReadError, open_image
 from benchmark.transforms import build_test_transform
+from benchmark.workers import QuietLoader
 from datasets.base import Datum
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,9 @@ def image_cache_key(data: Sequence[Datum], cfg) -> str:
     return h.hexdigest()
 
 
-def _read_error(item: Datum, exc: BaseException) -> OSError:
-    """The PIL loader's message for a file that cannot be read (see trainer.ImageList)."""
-    return OSError(f"Cannot read image {item.impath} (class '{item.classname}'): {exc}. "
-                   f"Check the file or re-extract the dataset.")
+def _read_error(item: Datum, exc: BaseException) -> ImageReadError:
+    """The PIL loader's error for a file that cannot be read (see benchmark.images)."""
+    return ImageReadError.of(item, exc)
 
 
 def _stat(item: Datum) -> os.stat_result:
@@ -103,8 +102,8 @@ def _shape(n: int, cfg) -> tuple[int, int, int, int]:
 # -- building ----------------------------------------------------------------------------------
 class _PilSteps(Dataset):
     """Images of a list of Datum, opened as the PIL loader opens them, through the test
-    transform's PIL steps -> uint8 [H, W, 3], or the loader's OSError for a file that
-    cannot be read.  The error is returned, not raised, so that the build stops its
+    transform's PIL steps -> uint8 [H, W, 3], or the loader's ImageReadError for a file
+    that cannot be read.  The error is returned, not raised, so that the build stops its
     workers at once and raises it itself (a worker's exception would keep the loader and
     its workers alive in the traceback until a later garbage collection)."""
 
@@ -116,15 +115,11 @@ class _PilSteps(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> np.ndarray | OSError:
+    def __getitem__(self, index: int) -> np.ndarray | ImageReadError:
         item = self.data[index]
         try:
-            try:
-                with Image.open(item.impath) as img:
-                    image = img.convert("RGB")
-            except (OSError, SyntaxError) as exc:
-                raise _read_error(item, exc) from exc
-        except OSError as error:
+            image = open_image(item)
+        except ImageReadError as error:
             return error
         array = np.asarray(self.steps(image), dtype=np.uint8)
         if array.shape != self.shape:
@@ -139,7 +134,7 @@ def _stack(arrays: list[np.ndarray | OSError]) -> np.ndarray | OSError:
     return failure if failure is not None else np.stack(arrays)
 
 
-def _default_workers(cfg) -> int:
+def _default_workers(cfg) -> int:  # as the loaders' (benchmark.loaders imports this module)
     return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
 
 
@@ -159,11 +154,9 @@ def _write_array(path: Path, data: Sequence[Datum], cfg, num_workers: int) -> No
     shape = _shape(len(data), cfg)
     steps, _ = _split_test_transform(cfg)
     workers = min(num_workers, math.ceil(len(data) / BUILD_BATCH_SIZE))
-    loader = DataLoader(_PilSteps(data, steps, shape[1:]), batch_size=BUILD_BATCH_SIZE, shuffle=False,
-                        num_workers=workers, collate_fn=_stack, drop_last=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    loader = QuietLoader(_PilSteps(data, steps, shape[1:]), batch_size=BUILD_BATCH_SIZE, shuffle=False,
+                         num_workers=workers, collate_fn=_stack, drop_last=False)
+    with atomic_path(path) as tmp:
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
         start, failure = 0, None
         for batch in loader:
@@ -178,13 +171,6 @@ def _write_array(path: Path, data: Sequence[Datum], cfg, num_workers: int) -> No
             raise RuntimeError(f"Decoded {start} of {len(data)} images for {path}.")
         out.flush()
         del out
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _meta(data: Sequence[Datum], cfg, key: str) -> dict:
@@ -209,6 +195,11 @@ def _open_entry(path: Path, meta: dict) -> np.memmap | None:
 class DecodedImages:
     """uint8 [N, H, W, 3] array (np.memmap, read-only) of the images of `data` after the test
     transform's Resize + CenterCrop (before ToTensor), in the order of `data`."""
+
+    @staticmethod
+    def exists(data: Sequence[Datum], cfg, cache_dir: str | Path) -> bool:
+        """Whether an entry of ``data`` has been written under ``cache_dir``."""
+        return (Path(cache_dir) / IMAGE_DIR / f"{image_cache_key(list(data), cfg)}.json").is_file()
 
     def __init__(self, key: str, path: Path, array: np.ndarray, meta: dict):
         self.key = key

@@ -159,14 +159,14 @@ def config_variants(protocol: str, dataset: str, shots: int, world: str) -> list
 
 def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots: int,
                    subsample: str, root: str, backbone: str, user_yaml: str | None = None,
-                   opts: Sequence[str] = ()) -> CN:
+                   opts: Sequence[str] = (), source: str = "command-line opts") -> CN:
     """defaults < method YAML (+ variants) < user YAML < protocol keys < KEY VALUE opts.
 
     Variants (``config_variants``): the protocol's, then the dataset's, then the world's
     (``toy`` for a toy-world root, which wins: it only shortens schedules that a CPU cannot
     afford).
     """
-    from datasets.toy import world_of
+    from datasets.worlds import world_of
 
     info = get_method(method)
     cfg = C.get_cfg_default()
@@ -182,7 +182,7 @@ def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots
     cfg.DATASET.SUBSAMPLE_CLASSES = subsample
     cfg.MODEL.BACKBONE.NAME = backbone
     cfg.TRAINER.NAME = info.node
-    C.merge_opts(cfg, opts)
+    C.merge_opts(cfg, opts, source=source)
     cfg.freeze()
     return cfg
 

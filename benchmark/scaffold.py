@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.registry import Method, register_method
-from methods.zsclip import dataset_template, encode_template
+from methods.zsclip import encode_template
 
 
 @register_method(
@@ -61,16 +61,22 @@ class {cls}(Method):
     frozen_image_features = True  # f is the frozen tower's output: test features are shared by runs
     config_file = Path(__file__).parent / "configs" / "{name}.yaml"
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        # dataset: what the harness says this model classifies (name, template, world, classes)
+        super().__init__(clip, classnames, cfg, dataset)
         opts = self.options  # TRAINER.{node}.*
         self.scale = float(opts.RESIDUAL_SCALE)
-        self.template = opts.TEMPLATE or dataset_template(cfg.DATASET.NAME, cfg.DATASET.ROOT)
         dim = clip.text_projection.shape[1]
         self.residual = nn.Linear(dim, dim, bias=False).to(self.dtype)
         nn.init.zeros_(self.residual.weight)  # the initialisation rule: start as zero-shot CLIP
         self.register_buffer("text_features", torch.empty(0), persistent=False)
         self.set_classnames(classnames)
+
+    @property
+    def template(self) -> str:
+        """TEMPLATE when set, else the template of the dataset being classified (the harness
+        hands over each cross-dataset target's own)."""
+        return self.options.TEMPLATE or self.dataset.template
 
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -147,6 +153,13 @@ from benchmark.backbone import load_clip, tokenize
 NAMES = ["golden_retriever", "tabby cat", "hot-air balloon"]
 
 
+def assert_close(actual, expected):
+    """Equal up to float32 rounding through the model, relative to the logits' scale (an
+    element-wise bound fails on other machines' kernels for elements near zero)."""
+    bound = 1e-4 * expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= bound, (actual - expected).abs().max().item()
+
+
 def _model(clip):
     torch.manual_seed(0)
     return benchmark.build("{name}", NAMES, clip=copy.deepcopy(clip), dataset="eurosat")
@@ -162,7 +175,7 @@ def test_logits_follow_the_equation():
     text = clip.encode_text(tokenize([model.template.format(n.replace("_", " ")) for n in NAMES]))
     expected = clip.logit_scale.exp() * F.normalize(f, dim=-1) @ F.normalize(text, dim=-1).t()
     with torch.no_grad():
-        assert torch.allclose(model(images), expected, atol=1e-5)
+        assert_close(model(images), expected)
 
 
 def test_starts_as_zero_shot_clip_and_trains_only_its_own_parameters():
@@ -171,7 +184,7 @@ def test_starts_as_zero_shot_clip_and_trains_only_its_own_parameters():
     zero_shot = benchmark.build("zsclip", NAMES, clip=copy.deepcopy(clip), dataset="eurosat")
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model(images), zero_shot(images), atol=1e-5)
+        assert_close(model(images), zero_shot(images))
     model.train()
     model.loss(model(images), torch.tensor([0, 1, 2, 0])).backward()
     trained = {{n for n, p in model.named_parameters() if p.grad is not None}}

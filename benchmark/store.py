@@ -3,7 +3,12 @@
 ``<output>/records/<method>/<protocol>/<dataset>/seed<S>-<run id>.json``.  A record is
 written to a temporary file in the same folder, flushed to disk and renamed over its
 final name, so a reader (or a sweep killed mid-write) never sees half a record.  Values
-keep full precision; only tables round.
+keep full precision; only tables round.  What a record holds is ``benchmark.records``.
+
+A record file that does not fit the schema (cut or edited by hand) never stops a sweep
+or a table: ``scan_records`` lists it apart with the reason, tables say how many they
+skipped, and a sweep that reaches its run moves it to ``<output>/quarantine/`` (with a
+``.reason.json`` beside it) and does the run again.
 
 The results folder is the only state that sweeps share, whatever runs them (this
 process, worker processes, Ray tasks, SLURM jobs, on any machine that mounts it).  A run
@@ -22,16 +27,20 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from benchmark import records
+from benchmark.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 RECORD_DIR = "records"
+QUARANTINE_DIR = "quarantine"  # damaged records, moved out of records/ with the reason
 LOCK_HEARTBEAT_S = 30.0  # how often a running run touches its lock
 STALE_LOCK_S = 600.0  # a lock untouched this long belongs to a dead process or machine
 _FRESH_LOCK_S = 5.0  # an unreadable lock younger than this is being written, not broken
@@ -57,62 +66,116 @@ def lock_path(output: str | Path, spec) -> Path:
     return record_path(output, spec).with_suffix(".lock")
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
+def read_record(path: str | Path) -> records.Record | None:
+    """The record at ``path``; None when there is none; ``DamagedRecord`` when the file is
+    there but is not a record of the schema (cut or edited by hand, or not JSON)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def read_record(path: str | Path) -> dict | None:
-    """The record at path, or None if it does not exist or is not a complete record."""
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedRecord(path, f"cannot be read ({exc})") from None
     try:
-        data = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return records.validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise DamagedRecord(path, f"is not complete JSON ({exc})") from None
+    except records.RecordError as exc:
+        raise DamagedRecord(path, str(exc)) from None
+
+
+class DamagedRecord(ValueError):
+    """A record file that does not fit the record schema."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def previous_record(output: str | Path, spec) -> records.FinishedRecord | None:
+    """The spec's successful record (same identity), complete or not; None when there is
+    none or it is damaged (``set_aside_damaged`` moves a damaged one out of the way)."""
+    try:
+        record = read_record(record_path(output, spec))
+    except DamagedRecord:
         return None
-    return data if isinstance(data, dict) and "id" in data else None
-
-
-def previous_record(output: str | Path, spec) -> dict | None:
-    """The spec's successful record (same identity), complete or not."""
-    record = read_record(record_path(output, spec))
-    if record is None or record.get("status") != "ok" or record.get("id") != spec.run_id:
+    if record is None or not records.is_finished_record(record) or record["id"] != spec.run_id:
         return None
-    return record
-
-
-def missing_evals(record: dict, spec) -> list:
-    return [e for e in spec.evals if e.name not in record.get("metrics", {})]
+    return record  # type: ignore[return-value]
 
 
 def is_finished(output: str | Path, spec) -> bool:
     """A successful record of the same identity with every evaluation the spec asks for."""
     record = previous_record(output, spec)
-    return record is not None and not missing_evals(record, spec)
+    return record is not None and not records.missing_evals(record, spec)
 
 
-def iter_records(output: str | Path) -> Iterator[dict]:
+def damaged_record(output: str | Path, spec) -> DamagedRecord | None:
+    """What is wrong with the spec's record file, or None when it is absent or sound."""
+    try:
+        read_record(record_path(output, spec))
+    except DamagedRecord as damaged:
+        return damaged
+    return None
+
+
+def quarantine_path(output: str | Path, path: str | Path) -> Path:
+    """Where a damaged record is moved: ``<output>/quarantine/`` + its path under records/."""
+    path = Path(path)
+    try:
+        relative = path.relative_to(Path(output) / RECORD_DIR)
+    except ValueError:
+        relative = Path(path.name)
+    return Path(output) / QUARANTINE_DIR / relative
+
+
+def set_aside_damaged(output: str | Path, spec) -> Path | None:
+    """Move the spec's damaged record to the quarantine folder, with a note of what was
+    wrong beside it; returns where it went (None when the record is absent or sound).
+    Called under the run's lock, so that no other sweep writes the record meanwhile."""
+    damaged = damaged_record(output, spec)
+    if damaged is None:
+        return None
+    target = quarantine_path(output, damaged.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # an earlier damaged copy: keep both
+        target = target.with_name(f"{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.json")
+    os.replace(damaged.path, target)
+    write_json_atomic(target.with_suffix(".reason.json"), {"record": str(damaged.path), "reason": damaged.reason,
+                                                          "moved": time.time()})
+    log.warning("the record %s is damaged (%s): moved to %s; its run is done again",
+                damaged.path, damaged.reason, target)
+    return target
+
+
+@dataclass
+class RecordScan:
+    """Every record under an output folder: the sound ones, and the damaged ones with why."""
+
+    records: list = field(default_factory=list)
+    damaged: list[DamagedRecord] = field(default_factory=list)
+
+
+def scan_records(output: str | Path) -> RecordScan:
+    scan = RecordScan()
     root = Path(output) / RECORD_DIR
     if not root.is_dir():
-        return
+        return scan
     for path in sorted(root.rglob("*.json")):
-        record = read_record(path)
+        try:
+            record = read_record(path)
+        except DamagedRecord as damaged:
+            scan.damaged.append(damaged)
+            continue
         if record is not None:
             record["_path"] = str(path)
-            yield record
+            scan.records.append(record)
+    return scan
+
+
+def iter_records(output: str | Path) -> Iterator[records.Record]:
+    """The sound records under ``output`` (``scan_records`` also lists the damaged ones)."""
+    yield from scan_records(output).records
 
 
 # -- run locks ------------------------------------------------------------------------------------
@@ -215,7 +278,7 @@ def acquire_lock(path: str | Path, *, sweep: str = "", stale_after: float = STAL
     for _ in range(5):
         token = uuid.uuid4().hex
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask
         except FileExistsError:
             holder = _read_lock(path)
             try:

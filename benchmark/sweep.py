@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
 import time
 import traceback
@@ -29,8 +30,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from benchmark import store
+from benchmark import records, store
 from benchmark.protocols import RunSpec
+
+Progress = Callable[[str, int, int, str], None]  # as benchmark.trainer.Progress (stage, done, total, text)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     elsewhere: list[tuple[str, str]] = field(default_factory=list)  # locked by another live sweep
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (record path, reason): set aside, run again
     seconds: float = 0.0
 
 
@@ -93,18 +97,6 @@ class SweepState:
         return self.remaining * mean / max(1, min(self.parallel, self.remaining))
 
 
-def _failure_record(spec: RunSpec, error: str, trace: str = "", details: dict | None = None) -> dict:
-    record = {
-        "id": spec.run_id, "status": "failed", "method": spec.method, "protocol": spec.protocol,
-        "stage": spec.stage, "dataset": spec.dataset, "shots": spec.shots, "seed": spec.seed,
-        "backbone": spec.backbone, "error": error, "traceback": trace, "config": spec.config,
-        "finished": time.time(),
-    }
-    if details:  # what failed and where (trainer.TrainingError: non-finite loss, out of memory)
-        record["details"] = details
-    return record
-
-
 def _outcome(spec: RunSpec, status: str, error: str | None = None, seconds: float = 0.0) -> dict:
     import os
     import socket
@@ -122,7 +114,7 @@ def _load_plugins(options: RunOptions) -> None:
     load_plugins(list(options.plugins))
 
 
-def run_one(spec: dict, output: str, options: RunOptions) -> dict:
+def run_one(spec: dict, output: str, options: RunOptions, progress: Progress | None = None) -> dict:
     """Run one spec (given as ``spec.to_dict()``) and write its record; returns an outcome:
     ``{"id", "label", "status", "error", "seconds", "host", "pid"}`` with status ``ok``,
     ``failed`` (the record says why), ``skipped`` (another sweep finished it meanwhile) or
@@ -143,6 +135,7 @@ def run_one(spec: dict, output: str, options: RunOptions) -> dict:
     except store.LockHeld as held:
         return _outcome(run, "elsewhere", str(held))
     with lock, _run_log(store.log_path(output, run)):
+        store.set_aside_damaged(output, run)
         if not options.force and store.is_finished(output, run):
             return _outcome(run, "skipped", "finished by another sweep")
         previous = None if options.force else store.previous_record(output, run)
@@ -150,13 +143,13 @@ def run_one(spec: dict, output: str, options: RunOptions) -> dict:
         try:
             record = execute(run, device=options.device, previous=previous,
                              checkpoint=store.checkpoint_path(output, run),
-                             save_checkpoint=options.save_checkpoints or run.protocol == TRANSFER)
+                             save_checkpoint=options.save_checkpoints or run.protocol == TRANSFER, progress=progress)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one broken run must not stop the sweep
             log.error("run %s failed: %s", run.label, exc)
-            record = _failure_record(run, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
-                                     getattr(exc, "details", None))
+            record = records.failed(run, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=20),
+                                    getattr(exc, "details", None))
         store.write_json_atomic(store.record_path(output, run), record)
     return _outcome(run, record["status"], record.get("error"), time.perf_counter() - t0)
 
@@ -224,8 +217,9 @@ def _record_lost(output: str | Path, spec: RunSpec, error: str, options: RunOpti
     except store.LockHeld:
         return
     with lock:
+        store.set_aside_damaged(output, spec)
         if store.previous_record(output, spec) is None:
-            store.write_json_atomic(store.record_path(output, spec), _failure_record(spec, error))
+            store.write_json_atomic(store.record_path(output, spec), records.failed(spec, error))
 
 
 class _Tracker:
@@ -271,13 +265,15 @@ class _Tracker:
 def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, device=None,
               force: bool = False, save_checkpoints: bool = False,
               progress: Callable[[str, RunSpec | None, SweepState], None] | None = None,
-              plugins: Sequence[str] = (), stale_lock_s: float = store.STALE_LOCK_S) -> SweepSummary:
+              plugins: Sequence[str] = (), stale_lock_s: float = store.STALE_LOCK_S,
+              run_progress: Progress | None = None) -> SweepSummary:
     """Run what is not finished, through ``executor`` (default: in this process).
 
     ``progress(event, spec, state)`` hears ``start``, ``ok``, ``failed``, ``skipped``
     (finished by another sweep meanwhile), ``elsewhere`` (locked by another live sweep),
     and ``tick`` (spec None) about once a second while an executor waits.  ``plugins``:
-    modules worker processes import first (``--plugin``)."""
+    modules worker processes import first (``--plugin``).  ``run_progress`` hears the
+    steps and evaluated images of the run in progress when runs execute in this process."""
     from benchmark.executors import LocalExecutor
 
     own_executor = executor is None
@@ -290,6 +286,11 @@ def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, de
             summary.skipped.append(spec.label)
         else:
             todo.append(spec)
+            damaged = store.damaged_record(output, spec)
+            if damaged is not None:
+                summary.damaged.append((str(damaged.path), damaged.reason))
+                log.warning("the record %s is damaged (%s): it goes to %s and %s runs again", damaged.path,
+                            damaged.reason, store.quarantine_path(output, damaged.path).parent, spec.label)
     if summary.skipped:
         log.info("%d of %d runs already finished; skipping them", len(summary.skipped), len(specs))
 
@@ -305,7 +306,8 @@ def run_sweep(specs: Sequence[RunSpec], output: str | Path, *, executor=None, de
 
     tracker = _Tracker(output, todo, options, state, emit)
     by_id = {spec.run_id: spec for spec in todo}
-    fn = functools.partial(run_one, output=str(output), options=options)
+    fn = functools.partial(run_one, output=str(output), options=options,
+                           progress=run_progress if executor.in_process else None)
     if executor.in_process:
         def work(item: dict) -> dict:
             tracker.started(by_id[_item_id(item)])
@@ -361,3 +363,76 @@ def _settle(spec: RunSpec, outcome: dict, summary: SweepSummary, state: SweepSta
         summary.elsewhere.append((spec.label, outcome.get("error") or "running in another sweep"))
         state.elsewhere += 1
     emit(status, spec)
+
+
+# -- the dry run's estimate ---------------------------------------------------------------------
+@dataclass
+class PlannedRun:
+    label: str
+    state: str  # "done", "partial" (evaluations missing) or "to do"
+    steps: int  # optimiser steps of its training
+    images: int  # test images of its missing evaluations
+
+
+@dataclass
+class Plan:
+    """What a sweep would do: each run's state and work, and the totals."""
+
+    rows: list[PlannedRun] = field(default_factory=list)
+    steps_left: int = 0
+    images_left: int = 0
+    seconds_left: float = 0.0  # training time at the speed of the finished runs (median per method)
+    unknown: set[str] = field(default_factory=set)  # methods with no finished run to time
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {state: sum(r.state == state for r in self.rows) for state in ("done", "partial", "to do")}
+
+    @property
+    def minutes_left(self) -> int:
+        return math.ceil(self.seconds_left / 60) if self.seconds_left else 0
+
+
+def estimate(specs: Sequence[RunSpec], output: str | Path) -> Plan:
+    """Each run's state under ``output`` and the work left: training steps from the run's
+    epochs, batch size and class count, test images of the missing evaluations, and time
+    at the median seconds per step of the method's finished runs."""
+    import statistics
+
+    from datasets.build import build_dataset
+
+    sizes: dict[tuple, tuple[int, int]] = {}
+
+    def size(dataset: str, subsample: str, root: str) -> tuple[int, int]:  # (classes, test images)
+        key = (dataset, subsample, root)
+        if key not in sizes:
+            splits = build_dataset(dataset, root, num_shots=0, subsample=subsample)
+            sizes[key] = (len(splits.classnames), len(splits.test))
+        return sizes[key]
+
+    per_step: dict[str, list[float]] = {}
+    for record in store.iter_records(output):
+        seconds = records.seconds_per_step(record)
+        if seconds is not None:
+            per_step.setdefault(record["method"], []).append(seconds)
+    plan = Plan()
+    for spec in specs:
+        previous = store.previous_record(output, spec)
+        missing = spec.evals if previous is None else records.missing_evals(previous, spec)
+        state = "done" if previous is not None and not missing else "partial" if previous is not None else "to do"
+        root = spec.config["DATASET"]["ROOT"]
+        n_classes, _ = size(spec.dataset, spec.subsample, root)
+        epochs = int(spec.config["OPTIM"]["MAX_EPOCH"])
+        batch = int(spec.config["DATALOADER"]["TRAIN_X"]["BATCH_SIZE"])
+        steps = max(1, (spec.shots * n_classes) // batch) * epochs if epochs > 0 else 0
+        images = sum(size(e.dataset, e.subsample, root)[1] for e in missing)
+        if state == "to do":
+            plan.steps_left += steps
+            if steps and spec.method in per_step:
+                plan.seconds_left += steps * statistics.median_high(per_step[spec.method])
+            elif steps:
+                plan.unknown.add(spec.method)
+        if state != "done":
+            plan.images_left += images
+        plan.rows.append(PlannedRun(spec.label, state, steps, images))
+    return plan

@@ -10,11 +10,14 @@ Base-to-novel conventions (those of the MMA, MaPLe and CoCoOp tables):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from benchmark import records as R
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 
@@ -23,11 +26,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per (run, evaluation split) of the successful records."""
     rows = []
     for rec in records:
-        if rec.get("status") != "ok":
-            continue
-        for split, m in rec.get("metrics", {}).items():
-            if m.get("accuracy") is None:  # not applicable (e.g. a linear probe on novel classes)
-                continue
+        for split, m in R.applicable_metrics(rec):  # not the inapplicable (a linear probe on novel classes)
             rows.append({"world": rec.get("world", "real"), "method": rec["method"],
                          "protocol": rec["protocol"], "dataset": rec["dataset"],
                          "shots": rec["shots"], "seed": rec["seed"], "backbone": rec.get("backbone"),
@@ -118,7 +117,7 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
     return table[columns]
 
 
-def _cell(mean, std=None) -> str:
+def cell(mean, std=None) -> str:
     if mean is None or pd.isna(mean):
         return "-"
     if std is None or pd.isna(std):
@@ -130,11 +129,11 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
     """Strings for people: mean ± std, published numbers and the HM difference."""
     out = pd.DataFrame({
         "Method": table["method"], "Dataset": table["dataset"],
-        "Base": [_cell(m, s) for m, s in zip(table["base"], table["base_std"])],
-        "Novel": [_cell(m, s) for m, s in zip(table["novel"], table["novel_std"])],
-        "HM": [_cell(m) for m in table["hm"]],
+        "Base": [cell(m, s) for m, s in zip(table["base"], table["base_std"])],
+        "Novel": [cell(m, s) for m, s in zip(table["novel"], table["novel_std"])],
+        "HM": [cell(m) for m in table["hm"]],
         "Seeds": table["seeds"].astype("Int64").astype(str),
-        "Paper B/N/HM": ["/".join(_cell(v) for v in row) if not pd.isna(row[2]) else "-"
+        "Paper B/N/HM": ["/".join(cell(v) for v in row) if not pd.isna(row[2]) else "-"
                          for row in zip(table["paper_base"], table["paper_novel"], table["paper_hm"])],
         "ΔHM": [f"{d:+.2f}" if not pd.isna(d) else "-" for d in table["delta_hm"]],
     })
@@ -149,13 +148,14 @@ NOTE = ("Base and Novel: mean ± std (population) over seeds; HM = 2·B·N/(B+N)
         "no published number.")
 
 
-def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "base2novel") -> dict[str, Path]:
+def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "base2novel",
+                 footnote: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{name}.csv", "markdown": out_dir / f"{name}.md"}
     table.to_csv(paths["csv"], index=False, float_format="%.4f")
     text = f"# {name}\n\n" + display_frame(table).to_markdown(index=False) + f"\n\n{NOTE}\n"
-    paths["markdown"].write_text(text)
+    paths["markdown"].write_text(text + (f"\n{footnote}\n" if footnote else ""))
     return paths
 
 
@@ -246,7 +246,7 @@ def accuracy_display(table: pd.DataFrame) -> pd.DataFrame:
                 ours[name], pub[name] = "-", "-"
                 continue
             c = cells.loc[name]
-            text = _cell(c["accuracy"], c["std"])
+            text = cell(c["accuracy"], c["std"])
             if text != "-" and name != "average" and int(c["seeds"]) < most:
                 text += f" (n={int(c['seeds'])})"
             ours[name] = text
@@ -258,15 +258,81 @@ def accuracy_display(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_accuracy_tables(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: str) -> dict[str, Path]:
+def write_accuracy_tables(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: str,
+                          footnote: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{name}.csv", "markdown": out_dir / f"{name}.md"}
     table.to_csv(paths["csv"], index=False, float_format="%.4f")
     shown = accuracy_display(table)
     text = f"# {name}\n\n" + (shown.to_markdown(index=False) if not shown.empty else "(no runs)")
-    paths["markdown"].write_text(text + f"\n\n{TRANSFER_NOTE[protocol]}\n")
+    paths["markdown"].write_text(text + f"\n\n{TRANSFER_NOTE[protocol]}\n" + (f"\n{footnote}\n" if footnote else ""))
     return paths
+
+
+# -- every table of a results folder ------------------------------------------------------------
+@dataclass
+class TableSet:
+    """The tables built from a results folder: {(protocol, world): table} to show, the files
+    written, and the damaged records left out (path, reason)."""
+
+    shown: dict = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
+    damaged: list = field(default_factory=list)
+
+    @property
+    def skipped_note(self) -> str:
+        if not self.damaged:
+            return ""
+        return (f"{len(self.damaged)} damaged record(s) skipped (not in these tables): "
+                + "; ".join(f"{d.path} ({d.reason})" for d in self.damaged[:3])
+                + (" ..." if len(self.damaged) > 3 else "")
+                + ". A sweep that reaches their runs moves them to quarantine/ and runs them again.")
+
+
+def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
+                 run_ids: set[str] | None = None) -> TableSet:
+    """Write the tables and plots of every sound record under ``output``, per protocol and
+    world (real data, toy world, synthetic fakes: never mixed, and only real data is
+    compared with published numbers).  ``shown`` is restricted to ``run_ids`` (all records
+    when None); damaged records are skipped and counted, in the result and in the files."""
+    from benchmark import store
+
+    scan = store.scan_records(output)
+    result = TableSet(damaged=scan.damaged)
+    frame = records_frame(scan.records)
+    chosen = frame if run_ids is None else records_frame(r for r in scan.records if r["id"] in run_ids)
+    for protocol in protocols:
+        paper = load_paper(protocol)
+        for world in frame["world"].unique():
+            pub = paper if world == "real" else None
+            name = protocol if world == "real" else f"{protocol}-{world}"
+
+            def make(part):
+                if protocol == "base2novel":
+                    return base2novel_table(part, paper=pub)
+                return accuracy_table(part, protocol, paper=pub)
+
+            table = make(frame[frame["world"] == world])
+            if table.empty:
+                continue
+            if protocol == "base2novel":
+                written = write_tables(table, Path(output) / "tables", name, result.skipped_note)
+            else:
+                written = write_accuracy_tables(table, Path(output) / "tables", name, protocol, result.skipped_note)
+            result.paths += [written["markdown"], written["csv"]]
+            plots = Path(output) / "plots"
+            if protocol == "few_shot":
+                result.paths += few_shot_plots(table, plots, name)
+            if protocol == "base2novel":
+                result.paths += base2novel_plots(table, plots, name)
+            result.paths += delta_plot(table, plots, name, protocol)  # real data only: published numbers
+            part = chosen[chosen["world"] == world]
+            if not part.empty:
+                mine = table if run_ids is None else make(part)
+                if not mine.empty:
+                    result.shown[(protocol, world)] = mine
+    return result
 
 
 def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_shot") -> list[Path]:
@@ -378,17 +444,28 @@ def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: st
 
 
 def latex_table(shown: pd.DataFrame, caption: str = "") -> str:
-    """A display frame as a LaTeX tabular (booktabs), best mean per column in bold."""
+    """A display frame as a LaTeX tabular (booktabs).  Our best mean is set in bold among
+    the methods compared on the same thing: per dataset in a base-to-novel frame (Base,
+    Novel, HM), per shot count in an accuracy frame (each dataset column).  Published
+    numbers (paper columns and rows) and differences (Δ) are never bold."""
     frame = shown.copy()
-    for column in frame.columns:
-        if column in ("Method", "Dataset", "Shots", "Seeds"):
-            continue
+    if frame.empty:
+        return frame.style.hide(axis="index").to_latex(hrules=True, caption=caption or None)
+    ours = ~frame["Method"].astype(str).str.strip().str.startswith("paper")
+    group_by = "Dataset" if "Dataset" in frame.columns else "Shots" if "Shots" in frame.columns else None
+    groups = frame[group_by] if group_by else pd.Series(0, index=frame.index)
+    measured = [c for c in frame.columns if c not in ("Method", "Dataset", "Shots", "Seeds")
+                and not str(c).lower().startswith("paper") and "Δ" not in str(c)]
+    for column in measured:
         values = pd.to_numeric(frame[column].astype(str).str.extract(r"^([-\d.]+)")[0], errors="coerce")
-        ours = ~frame.iloc[:, 0].astype(str).str.strip().str.startswith("paper")
-        if values[ours].notna().any():
-            best = values[ours].max()
-            frame[column] = [f"\\textbf{{{v}}}" if o and val == best else v
-                             for v, val, o in zip(frame[column].astype(str), values, ours)]
+        text = frame[column].astype(str)
+        for index in frame[ours].groupby(groups[ours], sort=False).groups.values():
+            compared = values.loc[index].dropna()
+            if len(compared) < 2:
+                continue  # nothing to compare with
+            for row in compared.index[compared == compared.max()]:
+                text.loc[row] = f"\\textbf{{{text.loc[row]}}}"
+        frame[column] = text
     frame = frame.map(lambda v: str(v).replace("±", "$\\pm$").replace("Δ", "$\\Delta$").replace("_", "\\_"))
     frame.columns = [str(c).replace("_", "\\_").replace("Δ", "$\\Delta$") for c in frame.columns]
     return frame.style.hide(axis="index").to_latex(hrules=True, caption=caption or None)
@@ -399,7 +476,7 @@ def compute_table(records: Iterable[dict]) -> pd.DataFrame:
     (means over the successful runs)."""
     rows = []
     for rec in records:
-        if rec.get("status") != "ok":
+        if not R.is_finished_record(rec):
             continue
         comp, timing = rec.get("compute", {}), rec.get("timings", {})
         peak = comp.get("peak_memory_bytes")

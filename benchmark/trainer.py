@@ -14,10 +14,8 @@ every mode falls back to fp32.
 
 from __future__ import annotations
 
-import copy
+import functools
 import logging
-import math
-import os
 import platform
 import random
 import subprocess
@@ -28,27 +26,20 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
-from benchmark import speed
-from benchmark.backbone import clip_info, load_clip, resolve_device
+from benchmark import feature_cache, records, speed
+from benchmark.backbone import clip_copy, resolve_device
+from benchmark.loaders import EvalInputs, eval_inputs, image_batches, image_loader, test_loader, train_loader
+from benchmark.models import dataset_context, input_size, prepare_model
+from benchmark.precision import autocast, grad_scaler
 from benchmark.protocols import RunSpec, config_node
-from benchmark.transforms import build_test_transform, build_train_transform
-from datasets.base import Datum, build_dataset
-from datasets.toy import world_of
-from methods.registry import ClassesNotSupported, Method, build_method, get_method
+from datasets.base import Datum, generate_fewshot
+from datasets.build import build_dataset
+from datasets.worlds import world_of
+from methods.registry import ClassesNotSupported, Method, TrainingError, get_method
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, out of memory); its message and ``details``
-    (what failed, where) are stored in the run's failure record."""
-
-    def __init__(self, message: str, **details):
-        super().__init__(message)
-        self.details = details
 
 
 def out_of_memory(exc: BaseException, cfg, stage: str, n_classes: int, precision: str) -> TrainingError:
@@ -69,21 +60,10 @@ def out_of_memory(exc: BaseException, cfg, stage: str, n_classes: int, precision
                          kind="out_of_memory", stage=stage, batch_size=batch, n_classes=n_classes)
 
 
-# -- progress ---------------------------------------------------------------------------
-# Where a run in this process reports its progress: ``fn(stage, done, total, text)`` with
-# stage "train" (steps) or "eval" (images).  The command line's live display sets it for
-# sweeps that run in this process; nothing is reported otherwise.
-_progress: Callable[[str, int, int, str], None] | None = None
-
-
-def set_progress(fn: Callable[[str, int, int, str], None] | None) -> None:
-    global _progress
-    _progress = fn
-
-
-def _report(stage: str, done: int, total: int, text: str = "") -> None:
-    if _progress is not None:
-        _progress(stage, done, total, text)
+# What a run reports while it runs: ``progress(stage, done, total, text)`` with stage
+# "train" (optimiser steps) or "eval" (images); the caller passes it down (the command
+# line's live display for sweeps in its own process).
+Progress = Callable[[str, int, int, str], None]
 
 
 # -- seeding -----------------------------------------------------------------------------
@@ -93,47 +73,6 @@ def set_random_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-# -- data ----------------------------------------------------------------------------------
-class ImageList(Dataset):
-    """Images of a list of Datum through a transform -> (image tensor, label)."""
-
-    def __init__(self, data: Sequence[Datum], transform: Callable):
-        self.data = list(data)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        item = self.data[index]
-        try:
-            with Image.open(item.impath) as img:
-                image = img.convert("RGB")
-        except (OSError, SyntaxError) as exc:
-            raise OSError(f"Cannot read image {item.impath} (class '{item.classname}'): {exc}. "
-                          f"Check the file or re-extract the dataset.") from exc
-        return self.transform(image), item.label
-
-
-def _workers(cfg, device: torch.device) -> int:
-    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
-
-
-def train_loader(data: Sequence[Datum], cfg, device: torch.device) -> DataLoader:
-    batch = int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
-    dataset = ImageList(data, build_train_transform(cfg))
-    return DataLoader(dataset, batch_size=batch, sampler=RandomSampler(dataset),
-                      num_workers=_workers(cfg, device), drop_last=len(dataset) >= batch,
-                      pin_memory=device.type == "cuda")
-
-
-def test_loader(data: Sequence[Datum], cfg, device: torch.device, batch_size: int | None = None) -> DataLoader:
-    dataset = ImageList(data, build_test_transform(cfg))
-    return DataLoader(dataset, batch_size=batch_size or int(cfg.DATALOADER.TEST.BATCH_SIZE),
-                      sampler=SequentialSampler(dataset), num_workers=_workers(cfg, device),
-                      drop_last=False, pin_memory=device.type == "cuda")
 
 
 # -- optimiser and schedule ------------------------------------------------------------------
@@ -212,38 +151,6 @@ def epoch_learning_rates(cfg) -> list[float]:
     return lrs
 
 
-# -- precision --------------------------------------------------------------------------------
-def effective_precision(requested: str, device: torch.device) -> str:
-    if requested not in ("fp32", "fp16", "amp", "bf16"):
-        raise ValueError(f"PREC '{requested}' is not one of fp32, fp16, amp, bf16.")
-    if device.type != "cuda":
-        return "fp32"  # CPU fallback, as the issue asks; the record stores both
-    return requested
-
-
-def cast_clip(clip: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """fp16: the released CLIP's half-precision layout (linear/conv/attention weights and
-    the projections in fp16, layer norms and embeddings in fp32)."""
-    if precision == "fp16":
-        from open_clip.model import convert_weights_to_lp
-        from open_clip.transformer import LayerNorm, LayerNormFp32
-
-        convert_weights_to_lp(clip, dtype=torch.float16)
-        for module in clip.modules():
-            if type(module) is LayerNorm:
-                # the released model's layer norms compute in fp32 and cast back
-                module.__class__ = LayerNormFp32
-    return clip
-
-
-def _autocast(device: torch.device, precision: str, training: bool):
-    if device.type == "cuda" and precision == "amp" and training:
-        return torch.autocast("cuda", dtype=torch.float16)
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 # -- training and evaluation -----------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -266,6 +173,19 @@ class FitContext:
     device: torch.device
     precision: str
     backbone_id: str | None = None
+    seed: int = 1
+    # every training image of the run's classes before the few-shot draw (read on demand)
+    full_train: Callable[[], Sequence[Datum]] | None = None
+
+    def held_out_train(self, per_class: int) -> list[Datum]:
+        """``per_class`` images of each class drawn, as the few-shot sampler draws with the
+        run's seed, from the training images outside the few-shot set (a validation set
+        for a dataset whose val is its test set)."""
+        if self.full_train is None:
+            return []
+        used = {d.impath for d in self.train}
+        pool = [d for d in self.full_train() if d.impath not in used]
+        return generate_fewshot(pool, per_class, random.Random(int(self.seed)))
 
     def train_loader(self, data: Sequence[Datum] | None = None) -> DataLoader:
         """Shuffled, augmented (the config's train transforms), ``TRAIN_X.BATCH_SIZE``."""
@@ -275,14 +195,20 @@ class FitContext:
         """In order, test transform, ``TEST.BATCH_SIZE``."""
         return test_loader(data, self.cfg, self.device)
 
+    def loader(self, data: Sequence[Datum], *, augment: bool, batch_size: int, shuffle: bool) -> DataLoader:
+        """Any other batching of ``data`` (a method's own loop), with the harness's loader
+        settings: the train transforms when ``augment``, else the test transform."""
+        return image_loader(data, self.cfg, self.device, augment=augment, batch_size=batch_size, shuffle=shuffle)
+
     def autocast(self, training: bool = False):
-        return _autocast(self.device, self.precision, training)
+        return autocast(self.device, self.precision, training)
 
     def frozen_features(self, model: Method, data: Sequence[Datum]) -> torch.Tensor:
         """``model.image_features`` of the test-transformed images of ``data`` (no
         augmentation), in order, under evaluation precision; shared through the feature
         cache when the method's image tower is frozen (``frozen_image_features``)."""
-        return image_features(model, data, self.cfg, self.device, self.precision, self.backbone_id)
+        return image_features(model, data, eval_inputs(model, self.cfg, self.device, self.backbone_id),
+                              self.precision)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -299,7 +225,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int, float], None] | None = None, progress: Progress | None = None) -> TrainResult:
     params = model.trainable_parameters()
     lrs = epoch_learning_rates(cfg)
     start = time.perf_counter()
@@ -307,7 +233,7 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
         return TrainResult([], [], 0, 0.0)
     loader = train_loader(data, cfg, device)
     optimizer = build_optimizer(params, cfg)
-    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    scaler = grad_scaler(precision)
     epoch_losses, steps, last_finite = [], 0, None
     total_steps = len(lrs) * len(loader)
     for epoch, lr in enumerate(lrs):
@@ -318,7 +244,7 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
         for batch, (images, labels) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with _autocast(device, precision, training=True):
+            with autocast(device, precision, training=True):
                 logits = model(images)
                 loss = model.loss(logits, labels)
             if not torch.isfinite(loss):
@@ -333,7 +259,8 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
             steps += 1
             if on_step is not None:
                 on_step(epoch, batch, last_finite)
-            _report("train", steps, total_steps, f"epoch {epoch + 1}/{len(lrs)} loss {last_finite:.4f}")
+            if progress is not None:
+                progress("train", steps, total_steps, f"epoch {epoch + 1}/{len(lrs)} loss {last_finite:.4f}")
         epoch_losses.append(total / max(count, 1))
         log.info("epoch %d/%d lr %.4e loss %.4f", epoch + 1, len(lrs), lr, epoch_losses[-1])
         model.on_epoch_end(epoch, len(lrs))
@@ -360,84 +287,61 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
     }
 
 
-def _uses_feature_cache(model: Method, cfg, backbone_id: str | None) -> bool:
-    return (bool(model.frozen_image_features) and backbone_id is not None
-            and speed.cache_dir(cfg) is not None and speed.enabled(cfg, "FEATURE_CACHE"))
-
-
 @torch.no_grad()
-def image_features(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
-                   backbone_id: str | None = None) -> torch.Tensor:
-    """``model.image_features`` of every test-transformed image of ``data``, in order."""
-    from benchmark import feature_cache
-
-    batch = speed.eval_batch_size(cfg)
+def image_features(model: Method, data: Sequence[Datum], inputs: EvalInputs, precision: str) -> torch.Tensor:
+    """``model.image_features`` of every test-transformed image of ``data``, in order, from
+    the feature cache on the ``features`` path."""
     model.eval()
-    if _uses_feature_cache(model, cfg, backbone_id):
-        key = feature_cache.feature_key(data, cfg, backbone_id=backbone_id, weight_dtype=model.dtype,
-                                        precision=precision, device=device)
-        return feature_cache.frozen_features(model.image_features, data, cfg, device, key=key, batch_size=batch,
-                                             autocast=lambda: _autocast(device, precision, training=False))
+    evaluation = functools.partial(autocast, inputs.device, precision, training=False)
+    if inputs.path == "features":
+        key = feature_cache.feature_key(data, inputs.cfg, backbone_id=inputs.backbone_id, weight_dtype=model.dtype,
+                                        precision=precision, device=inputs.device)
+        return feature_cache.frozen_features(model.image_features, data, inputs.cache_dir, key=key,
+                                             batches=lambda: image_batches(inputs, data), device=inputs.device,
+                                             autocast=evaluation)
     parts = []
-    for images in feature_cache.image_batches(data, cfg, device, batch):
-        with _autocast(device, precision, training=False):
+    for images in image_batches(inputs, data):
+        with evaluation():
             parts.append(model.image_features(images))
     return torch.cat(parts)
 
 
 @torch.no_grad()
-def batch_logits(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
-                 backbone_id: str | None = None) -> Iterator[torch.Tensor]:
-    """The model's logits on ``data``, batch by batch, in order.
-
-    Fast paths (``benchmark.speed``): a method whose image tower is frozen gets its test
-    features from the feature cache and runs only its head on them; the others get their
-    images from the decoded-image cache.  With every fast path off this is the plain
-    loop: the test loader, then ``model(images)``."""
-    from benchmark import feature_cache
-
+def batch_logits(model: Method, data: Sequence[Datum], inputs: EvalInputs, precision: str) -> Iterator[torch.Tensor]:
+    """The model's logits on ``data``, batch by batch, in order.  On the ``features`` path
+    the method runs only its head on cached features; otherwise ``model(images)`` on the
+    images of the path (decoded-image cache or files: the plain loop)."""
     model.eval()
-    batch = speed.eval_batch_size(cfg)
-    if _uses_feature_cache(model, cfg, backbone_id):
-        features = image_features(model, data, cfg, device, precision, backbone_id)
-        for chunk in features.split(batch):
-            with _autocast(device, precision, training=False):
+    if inputs.path == "features":
+        features = image_features(model, data, inputs, precision)
+        for chunk in features.split(inputs.batch_size):
+            with autocast(inputs.device, precision, training=False):
                 yield model.logits_from_features(chunk)
         return
-    for images in feature_cache.image_batches(data, cfg, device, batch):
-        with _autocast(device, precision, training=False):
+    for images in image_batches(inputs, data):
+        with autocast(inputs.device, precision, training=False):
             yield model(images)
 
 
-def predict(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
-            backbone_id: str | None = None) -> np.ndarray:
+def predict(model: Method, data: Sequence[Datum], inputs: EvalInputs, precision: str,
+            progress: Progress | None = None) -> np.ndarray:
     preds, done = [], 0
-    for logits in batch_logits(model, data, cfg, device, precision, backbone_id):
+    for logits in batch_logits(model, data, inputs, precision):
         preds.append(logits.argmax(dim=-1).cpu())
         done += len(logits)
-        _report("eval", done, len(data), f"{len(model.classnames)} classes")
+        if progress is not None:
+            progress("eval", done, len(data), f"{len(model.classnames)} classes")
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
-def evaluate(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
-             backbone_id: str | None = None) -> dict:
+def evaluate(model: Method, data: Sequence[Datum], inputs: EvalInputs, precision: str,
+             progress: Progress | None = None) -> dict:
+    """Accuracy, macro-F1 and counts of ``model`` on ``data`` (``inputs``: ``eval_inputs``)."""
     start = time.perf_counter()
-    preds = predict(model, data, cfg, device, precision, backbone_id)
+    preds = predict(model, data, inputs, precision, progress)
     metrics = classification_metrics(np.array([d.label for d in data]), preds)
     metrics["seconds"] = time.perf_counter() - start
     return metrics
-
-
-# -- one run ----------------------------------------------------------------------------------
-_CLIP_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def _clip_copy(backbone: str) -> torch.nn.Module:
-    """A private fp32 CPU copy of the backbone (loaded once per process)."""
-    if backbone not in _CLIP_CACHE:
-        _CLIP_CACHE.clear()  # keep at most one backbone in memory
-        _CLIP_CACHE[backbone] = load_clip(backbone, "cpu")
-    return copy.deepcopy(_CLIP_CACHE[backbone])
 
 
 def software_versions() -> dict:
@@ -466,7 +370,7 @@ def code_revision() -> str:
 def execute(spec: RunSpec, device: str | torch.device | None = None,
             on_step: Callable[[int, int, float], None] | None = None, *,
             previous: dict | None = None, checkpoint: str | Path | None = None,
-            save_checkpoint: bool = False) -> dict:
+            save_checkpoint: bool = False, progress: Progress | None = None) -> records.FinishedRecord:
     """Train and evaluate one run spec; returns its record (status "ok").
 
     ``previous``: this spec's earlier successful record that lacks some evaluations; with
@@ -481,6 +385,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     device = resolve_device(device)
     info = get_method(spec.method)
     root = cfg.DATASET.ROOT
+    world = world_of(root)
 
     set_random_seed(spec.seed)
     train_set = build_dataset(spec.dataset, root, num_shots=spec.shots, seed=spec.seed,
@@ -490,20 +395,17 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         # the reference sampler keeps every image of such a class (no repetition): so do we
         log.warning("%s: %d classes have fewer than %d training images (e.g. %s); all their images are used, "
                     "as the reference sampler does.", spec.label, len(short), spec.shots, ", ".join(list(short)[:3]))
-    clip = _clip_copy(spec.backbone)
-    image_size = clip_info(clip)["image_size"]
-    if tuple(cfg.INPUT.SIZE) != (image_size, image_size):
+    clip = clip_copy(spec.backbone)
+    if tuple(cfg.INPUT.SIZE) != input_size(clip):
         # the official trainers assert this; the backbone decides the input size
         cfg.defrost()
-        cfg.INPUT.SIZE = (image_size, image_size)
+        cfg.INPUT.SIZE = input_size(clip)
         cfg.freeze()
     # loading a backbone may draw from torch's RNG (or not, when cached): re-seed so that a
     # run's initialisation and batches depend on its seed only
     torch.manual_seed(spec.seed)
-    requested = str(cfg.TRAINER[info.node].get("PREC", "fp32"))
-    precision = effective_precision(requested, device)
-    clip = cast_clip(clip, precision)
-    model = build_method(spec.method, clip, train_set.classnames, cfg).to(device)
+    told = dataset_context(train_set.name, train_set.classnames, world=world, shots=spec.shots)
+    model, requested, precision = prepare_model(spec.method, cfg, told, device=device, clip=clip)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -517,39 +419,45 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         try:
             if model.fit is not None:
                 fit_start = time.perf_counter()
+                def full_train() -> list[Datum]:
+                    return build_dataset(spec.dataset, root, seed=spec.seed, subsample=spec.subsample).train
+
                 report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision,
-                                              spec.backbone_id)) or {}
+                                              spec.backbone_id, seed=spec.seed, full_train=full_train)) or {}
                 # a method with its own loop reports its steps, losses and learned parameters
                 result = TrainResult(list(report.get("epoch_losses", [])), list(report.get("learning_rates", [])),
                                      int(report.get("steps", 0)), time.perf_counter() - fit_start,
                                      fit=report or None)
                 n_trainable = int(report.get("trainable_params", n_trainable))
             else:
-                result = train(model, train_set.train, cfg, device, precision, on_step=on_step)
+                result = train(model, train_set.train, cfg, device, precision, on_step=on_step, progress=progress)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, cfg, "training", len(train_set.classnames), precision) from exc
     if save_checkpoint and not resumed and checkpoint is not None:
         ckpt.save(model, checkpoint, run_id=spec.run_id)
 
     metrics = dict(previous["metrics"]) if resumed else {}
+    inputs = eval_inputs(model, cfg, device, spec.backbone_id)  # the evaluations' data path, decided once
     for ev in spec.evals:
         if ev.name in metrics:
             continue
         if ev.dataset == spec.dataset and ev.subsample == spec.subsample:
-            data, names = train_set.test, train_set.classnames
+            target = train_set
         else:
-            other = build_dataset(ev.dataset, root, num_shots=spec.shots if ev.dataset == spec.dataset else 0,
-                                  seed=spec.seed, subsample=ev.subsample)
-            data, names = other.test, other.classnames
-        if names != model.classnames:
+            target = build_dataset(ev.dataset, root, num_shots=spec.shots if ev.dataset == spec.dataset else 0,
+                                   seed=spec.seed, subsample=ev.subsample)
+        data, names = target.test, target.classnames
+        # the method is told what it classifies now: each target with its own template
+        now = dataset_context(target.name, names, world=world, shots=spec.shots)
+        if now != model.dataset or names != model.classnames:
             try:
-                model.set_classnames(names)
+                model.use_dataset(now)
             except ClassesNotSupported as exc:  # e.g. a linear probe on classes it never saw
-                metrics[ev.name] = {"status": "not_applicable", "reason": str(exc), "n_classes": len(names)}
+                metrics[ev.name] = records.not_applicable(str(exc), len(names))
                 log.info("%s %s: not applicable (%s)", spec.label, ev.name, exc)
                 continue
         try:
-            metrics[ev.name] = evaluate(model, data, cfg, device, precision, spec.backbone_id)
+            metrics[ev.name] = evaluate(model, data, inputs, precision, progress)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, cfg, "evaluation", len(names), precision) from exc
         metrics[ev.name]["n_classes"] = len(names)
@@ -559,53 +467,24 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     if resumed:
         train_info, train_s = previous["train"], previous["timings"]["train_s"]
     else:
-        train_info = {
-            "n_images": len(train_set.train),
-            "classes_short_of_shots": short,
-            "n_classes": len(train_set.classnames),
-            "steps": result.steps,
-            "epoch_losses": result.epoch_losses,
-            "learning_rates": result.learning_rates,
-            "fit": result.fit,
-        }
+        train_info = records.TrainInfo(
+            n_images=len(train_set.train), n_classes=len(train_set.classnames), classes_short_of_shots=short,
+            classes_without_training_images=train_set.classes_without_training_images, steps=result.steps,
+            epoch_losses=result.epoch_losses, learning_rates=result.learning_rates, fit=result.fit)
         train_s = result.seconds
-    record = {
-        "id": spec.run_id,
-        "status": "ok",
-        "method": spec.method,
-        "method_version": info.version,
-        "protocol": spec.protocol,
-        "stage": spec.stage,
-        "dataset": spec.dataset,
-        "shots": spec.shots,
-        "seed": spec.seed,
-        "subsample": spec.subsample,
-        "backbone": spec.backbone,
-        "backbone_id": spec.backbone_id,
-        "world": world_of(root),
-        "evals": [e.__dict__ for e in spec.evals],
-        "metrics": metrics,
-        "train": train_info,
-        "compute": {
-            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "precision_requested": requested,
-            "precision": precision,
-            "trainable_params": n_trainable,
-            "peak_memory_bytes": peak,
-        },
-        "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0,
-                    "started": started, "finished": time.time()},
-        "config": spec.config,
-        "effective_input_size": list(cfg.INPUT.SIZE),
-        "software": software_versions(),
-        "code_revision": code_revision(),
-    }
-    if checkpoint is not None and Path(checkpoint).is_file():
-        record["checkpoint"] = str(checkpoint)
-    if resumed:
-        record["resumed_from_checkpoint"] = True
-        record["evals"] = _merge_evals(previous.get("evals", []), record["evals"])
-    return record
+    evals = [e.__dict__ for e in spec.evals]
+    return records.finished(
+        spec, method_version=info.version, world=world,
+        evals=records.merge_evals(previous.get("evals", []), evals) if resumed else evals,
+        metrics=metrics, train=train_info,
+        compute={"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                 "precision_requested": requested, "precision": precision, "trainable_params": n_trainable,
+                 "peak_memory_bytes": peak},
+        timings={"train_s": train_s, "total_s": time.perf_counter() - t0, "started": started,
+                 "finished": time.time()},
+        effective_input_size=list(cfg.INPUT.SIZE), software=software_versions(), code_revision=code_revision(),
+        checkpoint=str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None,
+        resumed_from_checkpoint=resumed)
 
 
 def short_classes(train: Sequence[Datum], classnames: Sequence[str], shots: int) -> dict[str, int]:
@@ -614,14 +493,3 @@ def short_classes(train: Sequence[Datum], classnames: Sequence[str], shots: int)
         return {}
     counts = np.bincount([d.label for d in train], minlength=len(classnames))
     return {classnames[i]: int(n) for i, n in enumerate(counts) if n < shots}
-
-
-def _merge_evals(old: list[dict], new: list[dict]) -> list[dict]:
-    names = {e["name"] for e in new}
-    return [e for e in old if e["name"] not in names] + new
-
-
-def harmonic_mean(base: float, novel: float) -> float:
-    if base is None or novel is None or math.isnan(base) or math.isnan(novel) or base + novel == 0:
-        return float("nan")
-    return 2 * base * novel / (base + novel)

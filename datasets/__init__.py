@@ -5,8 +5,8 @@ same train/val/test lists, in the same order, as the official code for that run,
 the same folders, split files and few-shot caches.
 
 This package is named ``datasets`` on purpose and shadows the third-party package of
-that name inside the project; import from it explicitly (``from datasets.base import
-Datum``). The fake-data writers live in ``datasets.synthetic`` and are not imported here.
+that name inside the project; import from it explicitly (``from datasets.build import
+build_dataset``). The fake-data writers live in ``datasets.synthetic`` and are not imported here.
 """
 
 from datasets.base import (
@@ -14,14 +14,13 @@ from datasets.base import (
     DatasetSplits,
     Datum,
     UnsafePickleError,
-    build_dataset,
-    fewshot_cache_path,
     generate_fewshot,
     read_dassl_pickle,
     read_split_json,
     subsample_classes,
     write_dassl_pickle,
 )
+from datasets.build import build_dataset, fewshot_cache_path
 from datasets.catalog import (
     BASE2NOVEL_DATASETS,
     CATALOG,

@@ -1,4 +1,5 @@
-"""Records, split reading, few-shot sampling and base/new class subsampling.
+"""Records, split reading, few-shot sampling, base/new class subsampling and the
+official cache pickles (``datasets.build`` puts them together into a run's splits).
 
 Reproduces the data side of the official code (its dataset base class and the
 per-dataset constructors) without importing it:
@@ -27,19 +28,18 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-if TYPE_CHECKING:
-    from datasets.catalog import Spec
+from benchmark.files import write_bytes_atomic
+
+Splits = tuple[list["Datum"], list["Datum"], list["Datum"]]  # train, val, test
 
 log = logging.getLogger(__name__)
 
 SUBSAMPLE_CHOICES = ("all", "base", "new")
-FEWSHOT_DIR = "split_fewshot"
 DASSL_DATUM_MODULE = "dassl.data.datasets.base_dataset"
 DASSL_DATUM_NAME = "Datum"
 
@@ -86,6 +86,10 @@ class DatasetSplits:
     seed: int = 0
     subsample: str = "all"
     fewshot_cache: str | None = field(default=None, repr=False)  # pickle used or written
+    # classes with test images but no training images: class name -> test images.  As the
+    # reference code derives the classes from the training labels, base/new subsampling
+    # leaves these classes (and their test images) out; the run warns and records them.
+    classes_without_training_images: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -98,12 +102,29 @@ class DatasetSplits:
     def lab2cname(self) -> dict[int, str]:
         return label_names(self.train)
 
-    @property
-    def template(self) -> str:
-        """The zero-shot prompt template of this dataset (``"a photo of a {}."`` style)."""
-        from datasets.catalog import get_spec  # the catalog imports this module
 
-        return get_spec(self.name).template
+def classes_without_training_images(train: Sequence[Datum], test: Sequence[Datum]) -> dict[str, int]:
+    """Classes (by label) that have test images but no training image: name -> test images."""
+    trained = {d.label for d in train}
+    counts: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for d in test:
+        if d.label not in trained:
+            counts[d.label] = counts.get(d.label, 0) + 1
+            names.setdefault(d.label, d.classname)
+    return {names[label]: counts[label] for label in sorted(counts)}
+
+
+def conflicting_labels(*splits: Sequence[Datum]) -> list[str]:
+    """Labels that name different classes in different splits (e.g. a class folder missing
+    from one split shifts every later label of that split)."""
+    seen: dict[int, str] = {}
+    problems = []
+    for split in splits:
+        for label, name in label_names(split).items():
+            if seen.setdefault(label, name) != name:
+                problems.append(f"label {label} is {seen[label]!r} in one split and {name!r} in another")
+    return problems
 
 
 def label_names(data: Iterable[Datum]) -> dict[int, str]:
@@ -391,96 +412,8 @@ def write_dassl_pickle(obj: dict[str, Sequence[Datum]], path: str | Path) -> Non
     payload = {k: [_to_dassl(d) for d in v] for k, v in obj.items()}
     buf = io.BytesIO()
     _DasslPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
-    _atomic_write(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _to_dassl(d: Datum) -> _DasslDatum:
     return _DasslDatum(os.path.abspath(d.impath), int(d.label), int(d.domain), d.classname)
-
-
-def _atomic_write(path: str | Path, data: bytes) -> None:
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# --------------------------------------------------------------------------- building
-
-
-def fewshot_cache_path(dataset_dir: str | Path, num_shots: int, seed: int) -> str:
-    """Where the official code caches a few-shot draw (shared by base, new and all)."""
-    return os.path.join(str(dataset_dir), FEWSHOT_DIR, f"shot_{num_shots}-seed_{seed}.pkl")
-
-
-def build_dataset(
-    name: str, root: str | Path, num_shots: int = 0, seed: int = 1, subsample: str = "all"
-) -> DatasetSplits:
-    """Load ``name`` from the official folder layout under ``root``, as an official run does.
-
-    Steps: read all splits; if ``num_shots >= 1`` load the cached draw, or draw train
-    (K shots) then val (min(K, 4)) from one ``random.Random(seed)`` and cache it (ImageNet:
-    train only); then keep the ``subsample`` half of the classes. ImageNet's val is its
-    test set; the four ImageNet variants are test-only (train = test = all images, no val)
-    and ignore ``num_shots`` and ``subsample``, as officially.
-    """
-    from datasets.catalog import check_dataset, dataset_error, get_spec, resolve_name  # imports us
-
-    if subsample not in SUBSAMPLE_CHOICES:
-        raise ValueError(f"subsample must be one of {SUBSAMPLE_CHOICES}, got {subsample!r}")
-    name = resolve_name(name)  # official DATASET.NAME spellings are accepted too
-    spec = get_spec(name)
-    dataset_dir = os.path.join(os.path.abspath(os.path.expanduser(str(root))), spec.folder)
-    problems = check_dataset(name, root)
-    if problems:
-        raise dataset_error(name, root, problems)
-    train, val, test = spec.read(dataset_dir)
-    result = DatasetSplits(name=name, train=train, val=val, test=test, classnames=[],
-                           dataset_dir=dataset_dir, num_shots=num_shots, seed=seed, subsample=subsample)
-    if spec.test_only:
-        result.train, result.val, result.test = test, [], test
-    else:
-        if num_shots >= 1:
-            train, val, result.fewshot_cache = _fewshot(spec, dataset_dir, train, val, num_shots, seed)
-        if spec.val_is_test:
-            train, test = subsample_classes(train, test, subsample=subsample)
-            val = test
-        else:
-            train, val, test = subsample_classes(train, val, test, subsample=subsample)
-        result.train, result.val, result.test = train, val, test
-    result.classnames = list(label_names(result.train).values())
-    return result
-
-
-def _fewshot(spec: Spec, dataset_dir: str, train: list[Datum], val: list[Datum],
-             num_shots: int, seed: int) -> tuple[list[Datum], list[Datum], str | None]:
-    """Load or draw (and cache) the few-shot train/val lists, original labels kept."""
-    path = fewshot_cache_path(dataset_dir, num_shots, seed)
-    if os.path.exists(path):
-        log.info("Loading few-shot split from %s", path)
-        cached = read_dassl_pickle(path, dataset_dir, spec.images)
-        if "train" not in cached or (not spec.val_is_test and "val" not in cached):
-            raise DatasetError(f"Cache file {path} lacks the train/val lists; delete it to redraw.")
-        return cached["train"], cached.get("val", val), path
-    rng = random.Random(seed)  # = the official fresh `random.seed(seed)` stream
-    train = generate_fewshot(train, num_shots, rng)
-    payload = {"train": train}
-    if not spec.val_is_test:  # ImageNet draws no val; its val is the test set
-        val = generate_fewshot(val, min(num_shots, 4), rng)
-        payload["val"] = val
-    try:
-        write_dassl_pickle(payload, path)
-        log.info("Saved few-shot split to %s", path)
-    except OSError as e:
-        # a read-only data folder should not stop a run; the draw is deterministic anyway
-        log.warning("Could not write the few-shot cache %s (%s); continuing without it", path, e)
-        return train, val, None
-    return train, val, path

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from datasets.base import (
-    Datum,
     DatasetError,
+    Datum,
+    Splits,
+    label_names,
     read_dassl_pickle,
     read_split_json,
     write_dassl_pickle,
@@ -27,7 +29,6 @@ from datasets.base import (
 
 log = logging.getLogger(__name__)
 
-Splits = tuple[list[Datum], list[Datum], list[Datum]]  # train, val, test
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Spec:
     images: str  # image root relative to `folder`; "" = the folder itself
     split: str | None  # split JSON in `folder`, None where `reader` reads other files
     dassl_name: str  # DATASET.NAME in the official configs
-    reader: Callable[["Spec", str], Splits] | None = None  # None = the shared JSON reader
+    reader: Callable[..., Splits] | None = None  # (spec, dataset_dir, write_caches) or None: the JSON reader
     template: str = "a photo of a {}."  # zero-shot prompt of the official zero-shot CLIP
     test_only: bool = False  # ImageNet variants: train = test = every image, no val
     val_is_test: bool = False  # ImageNet: no val split, val = test, few-shot draws train only
@@ -56,10 +57,11 @@ class Spec:
         covered = {p for p in paths if p.endswith("/") and any(q != p and q.startswith(p) for q in paths)}
         return tuple(p for p in paths if p not in covered)
 
-    def read(self, dataset_dir: str) -> Splits:
-        """All images of every split, in file order, with original labels."""
+    def read(self, dataset_dir: str, *, write_caches: bool = True) -> Splits:
+        """All images of every split, in file order, with original labels (``write_caches``:
+        whether a reader may write its cache, ImageNet's file lists)."""
         if self.reader is not None:
-            return self.reader(self, dataset_dir)
+            return self.reader(self, dataset_dir, write_caches)
         return read_split_json(os.path.join(dataset_dir, self.split), image_root(self, dataset_dir))
 
 
@@ -119,7 +121,7 @@ def _names_for(folders: list[str], classnames: dict[str, str], where: str) -> li
     return [classnames[f] for f in folders]
 
 
-def _read_fgvc(spec: Spec, dataset_dir: str) -> Splits:
+def _read_fgvc(spec: Spec, dataset_dir: str, write_caches: bool = True) -> Splits:
     """Label = line index in ``variants.txt``; each split line is ``<image id> <variant>``."""
     variants = _read_lines(os.path.join(dataset_dir, "variants.txt"))
     label_of = {name: i for i, name in enumerate(variants)}
@@ -138,8 +140,11 @@ def _read_fgvc(spec: Spec, dataset_dir: str) -> Splits:
     return read("train"), read("val"), read("test")
 
 
-def _read_imagenet(spec: Spec, dataset_dir: str) -> Splits:
-    """``preprocessed.pkl`` if present, else scan ``images/{train,val}`` and write it."""
+def _read_imagenet(spec: Spec, dataset_dir: str, write_caches: bool = True) -> Splits:
+    """``preprocessed.pkl`` if present, else scan ``images/{train,val}`` and write it
+    (``write_caches``), only when the scan is sound: the same class folders in both
+    splits, none of them empty.  A cache written from a broken folder would outlive its
+    fix."""
     cache = os.path.join(dataset_dir, "preprocessed.pkl")
     if os.path.exists(cache):
         log.info("Loading ImageNet file lists from %s", cache)
@@ -155,6 +160,8 @@ def _read_imagenet(spec: Spec, dataset_dir: str) -> Splits:
         names = _names_for(folders, classnames, split_dir)
         splits.append(_scan(split_dir, folders, list(range(len(folders))), names))
     train, test = splits
+    if not write_caches or _imagenet_scan_problems(image_root(spec, dataset_dir), train, test):
+        return train, [], test
     try:
         write_dassl_pickle({"train": train, "test": test}, cache)
     except OSError as e:
@@ -162,7 +169,22 @@ def _read_imagenet(spec: Spec, dataset_dir: str) -> Splits:
     return train, [], test
 
 
-def _read_imagenetv2(spec: Spec, dataset_dir: str) -> Splits:
+def _imagenet_scan_problems(image_dir: str, train: list[Datum], test: list[Datum]) -> list[str]:
+    """Why a scan of ImageNet's folders must not be cached: class folders present in one
+    split only, or empty (a partly extracted archive)."""
+    problems = []
+    train_names, test_names = set(label_names(train).values()), set(label_names(test).values())
+    for split, names in (("train", train_names), ("val", test_names)):
+        folders = _subfolders(os.path.join(image_dir, split))
+        empty = len(folders) - len(names)
+        if empty:
+            problems.append(f"{empty} class folder(s) of {os.path.join(image_dir, split)} hold no image")
+    if train_names != test_names:
+        problems.append(f"{len(train_names ^ test_names)} class(es) have images in only one of train and val")
+    return problems
+
+
+def _read_imagenetv2(spec: Spec, dataset_dir: str, write_caches: bool = True) -> Splits:
     """Folders ``0..N-1``; class name = the label-th line of ``classnames.txt`` (file order)."""
     classnames = read_classnames(os.path.join(dataset_dir, "classnames.txt"))
     image_dir = image_root(spec, dataset_dir)
@@ -174,7 +196,7 @@ def _read_imagenetv2(spec: Spec, dataset_dir: str) -> Splits:
 IGNORED_ENTRIES = ("README.txt",)  # shipped inside the ImageNet-A/-R image folders
 
 
-def _read_wnid_folders(spec: Spec, dataset_dir: str) -> Splits:
+def _read_wnid_folders(spec: Spec, dataset_dir: str, write_caches: bool = True) -> Splits:
     """Sorted wnid folders; label = index in that sorted list (200-way for A and R)."""
     classnames = read_classnames(os.path.join(dataset_dir, "classnames.txt"))
     image_dir = image_root(spec, dataset_dir)
@@ -276,12 +298,19 @@ def list_datasets() -> list[str]:
     return list(CATALOG)
 
 
+def _plain(name: str) -> str:
+    """A spelling without case, underscores, hyphens or spaces: OxfordPets, oxford-pets -> oxfordpets."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def resolve_name(name: str) -> str:
-    """The registry key for ``name``; official ``DATASET.NAME`` values are accepted too."""
+    """The registry key for ``name``; official ``DATASET.NAME`` values (``OxfordPets``) and
+    spellings that differ only in case, underscores, hyphens or spaces are accepted too."""
     if name in CATALOG:
         return name
     by_alias = {s.dassl_name.lower(): k for k, s in CATALOG.items()}
-    key = by_alias.get(name.lower()) or (name.lower() if name.lower() in CATALOG else None)
+    plain = {**{_plain(k): k for k in CATALOG}, **{_plain(s.dassl_name): k for k, s in CATALOG.items()}}
+    key = by_alias.get(name.lower()) or plain.get(_plain(name))
     if key:
         return key
     close = _close_matches(name.lower(), {**{k: k for k in CATALOG}, **by_alias})

@@ -203,14 +203,3 @@ def toy_image_size() -> int:
 
 def is_toy_root(root: str | Path | None) -> bool:
     return bool(root) and (Path(root) / MARKER).is_file()
-
-
-def world_of(root: str | Path | None) -> str:
-    """"toy", "synthetic" or "real": what the datasets under ``root`` are."""
-    from datasets import synthetic
-
-    if is_toy_root(root):
-        return "toy"
-    if root and (Path(root) / synthetic.MARKER).is_file():
-        return "synthetic"
-    return "real"

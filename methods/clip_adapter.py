@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from methods.registry import Method, register_method
-from methods.zsclip import dataset_template, encode_template
+from methods.zsclip import encode_template
 
 
 class Adapter(nn.Module):
@@ -60,13 +60,17 @@ class CLIPAdapter(Method):
     official_module = "adapter"
     frozen_image_features = True
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         self.ratio = float(self.options.RATIO)
-        self.template = self.options.TEMPLATE or dataset_template(cfg.DATASET.NAME, cfg.DATASET.ROOT)
         self.adapter = Adapter(clip.visual.output_dim, int(self.options.REDUCTION)).to(self.dtype)
         self.register_buffer("text_features", torch.empty(0), persistent=False)
         self.set_classnames(classnames)
+
+    @property
+    def template(self) -> str:
+        """TEMPLATE when set, else the template of the dataset being classified."""
+        return self.options.TEMPLATE or self.dataset.template
 
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:

@@ -64,8 +64,8 @@ class PromptLearner(CoOpPromptLearner):
 class CoCoOp(CoOp):
     """Same learned module, official names and class-name handling as CoOp; its own prompts and forward."""
 
-    def __init__(self, clip, classnames, cfg):
-        Method.__init__(self, clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        Method.__init__(self, clip, classnames, cfg, dataset)
         opts = self.options.clone()
         opts.defrost()
         opts.CSC, opts.CLASS_TOKEN_POSITION = False, "end"  # CoCoOp has neither option

@@ -104,8 +104,8 @@ class CoOp(Method):
     official_ignore = ("token_prefix", "token_suffix")
     frozen_image_features = True
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         self.prompt_learner = PromptLearner(clip, classnames, self.options)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -115,9 +115,12 @@ class CoOp(Method):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.image_features(images))
 
-    def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
+    def encode_text(self) -> torch.Tensor:
         learner = self.prompt_learner
-        text = self.encode_prompts(learner(), learner.tokenized_prompts)
+        return self.encode_prompts(learner(), learner.tokenized_prompts)
+
+    def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
+        text = self.prompt_features()
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         return self.clip.logit_scale.exp() * image @ text.t()

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from benchmark.backbone import tokenize
 from methods.coop import CoOp, PromptLearner
 from methods.registry import Method, encode_tokens, register_method
-from methods.zsclip import dataset_template
 
 INIT_WORDS = "a photo of a"  # the official code uses these words whenever CTX_INIT is true
 # where the official hand-crafted templates differ from the zero-shot ones
@@ -53,13 +52,13 @@ TEMPLATE_OVERRIDES = {"dtd": "a photo of a {}, a type of texture."}
 COS_EPS = 1e-7  # the official cosine-similarity epsilon
 
 
-def handcrafted_template(dataset: str, root: str = "") -> str:
-    """The template of the official hand-crafted prompts for a dataset of the catalogue."""
-    from datasets.toy import is_toy_root
-
-    if root and is_toy_root(root):
-        return dataset_template(dataset, root)
-    return TEMPLATE_OVERRIDES.get(dataset, dataset_template(dataset))
+def handcrafted_template(dataset) -> str:
+    """The template of the official hand-crafted prompts for the dataset being classified
+    (a ``DatasetContext``): its zero-shot template, but where the official one differs;
+    the toy world keeps its own caption form."""
+    if dataset.world == "toy":
+        return dataset.template
+    return TEMPLATE_OVERRIDES.get(dataset.name, dataset.template)
 
 
 def kg_score(text: torch.Tensor, handcrafted: torch.Tensor) -> torch.Tensor:
@@ -83,14 +82,13 @@ class KgCoOp(CoOp):
     official_ignore = ("token_prefix", "token_suffix", "token_midfix", "bias_vectors",
                        "meta_net.linear1.weight", "meta_net.linear1.bias")
 
-    def __init__(self, clip, classnames, cfg):
-        Method.__init__(self, clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        Method.__init__(self, clip, classnames, cfg, dataset)
         opts = self.options.clone()
         opts.defrost()
         opts.CTX_INIT = INIT_WORDS if opts.CTX_INIT else ""
         opts.CLASS_TOKEN_POSITION = "end"  # the official forward always puts the name last
         self.prompt_learner = PromptLearner(clip, classnames, opts)
-        self.template = handcrafted_template(cfg.DATASET.NAME, cfg.DATASET.ROOT)
         self.weight = float(self.options.W)
         # not part of the learned module (the official code keeps it outside the state dict)
         self.register_buffer("handcrafted_features", torch.empty(0), persistent=False)
@@ -103,10 +101,14 @@ class KgCoOp(CoOp):
         if clip.logit_scale.device.type == "cuda" and self.dtype != torch.float16:
             # the official code encodes the hand-crafted prompts with a separately loaded,
             # half-precision CLIP even when the trained model runs in fp32
-            from benchmark.trainer import cast_clip
+            from benchmark.precision import cast_clip
 
             clip = cast_clip(copy.deepcopy(clip), "fp16")
         return clip
+
+    @property
+    def template(self) -> str:
+        return handcrafted_template(self.dataset)
 
     @torch.no_grad()
     def embed_handcrafted(self, classnames: Sequence[str]) -> None:
@@ -122,8 +124,7 @@ class KgCoOp(CoOp):
 
     # -- forward and loss --------------------------------------------------------
     def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
-        learner = self.prompt_learner
-        text = self.encode_prompts(learner(), learner.tokenized_prompts)
+        text = self.prompt_features()
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         # the regulariser depends on the prompts only; kept for ``loss`` of this step

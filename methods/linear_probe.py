@@ -35,7 +35,6 @@ the logits give scikit-learn's predictions exactly).  The official code saves no
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from collections import defaultdict, deque
 from typing import Sequence
@@ -139,8 +138,8 @@ class LinearProbeCLIP(Method):
     trainable = ()  # nothing trains by gradient; ``fit`` solves for the head
     official_module = "head"  # no official format exists: this is the harness's own
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         self.dim = int(clip.visual.output_dim)
         self.head = LinearHead(len(classnames), self.dim)
         self._fitted: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
@@ -175,7 +174,8 @@ class LinearProbeCLIP(Method):
             raise MethodError(f"The linear probe needs training images of every class; none for "
                               f"{[self.classnames[i] for i in missing[:5]]}.")
         per_class = np.bincount(val_y, minlength=len(self.classnames))
-        wanted = min(int(ctx.cfg.DATASET.NUM_SHOTS), 4) if int(ctx.cfg.DATASET.NUM_SHOTS) >= 1 else None
+        shots = int(self.dataset.shots)
+        wanted = min(shots, 4) if shots >= 1 else None
         if wanted is not None and per_class.min() < wanted:
             # the official numpy draw would stop here; the harness keeps what the dataset has
             log.warning("Validation has fewer than %d images for %d classes; searching C on %d images.",
@@ -204,26 +204,12 @@ class LinearProbeCLIP(Method):
         """The few-shot validation images; for a dataset whose "val" is its test set
         (ImageNet), ``min(K, 4)`` per class drawn from the training images outside the
         few-shot set instead, so that no test image takes part in the choice of C."""
-        from datasets.catalog import UnknownDatasetError, get_spec
-
-        cfg = ctx.cfg
-        name = str(cfg.DATASET.NAME)
-        try:
-            spec = get_spec(name)
-        except UnknownDatasetError:  # a dataset outside the catalogue: use its val as it is
+        if not self.dataset.val_is_test:
             return list(ctx.val), "val"
-        if not spec.val_is_test:
-            return list(ctx.val), "val"
-        from datasets.base import build_dataset, generate_fewshot
-
-        full = build_dataset(name, cfg.DATASET.ROOT, num_shots=0, seed=int(cfg.SEED),
-                             subsample=str(cfg.DATASET.SUBSAMPLE_CLASSES))
-        used = {d.impath for d in ctx.train}
-        pool = [d for d in full.train if d.impath not in used]
-        shots = int(cfg.DATASET.NUM_SHOTS)
-        held_out = generate_fewshot(pool, min(shots, 4) if shots >= 1 else 4, random.Random(int(cfg.SEED)))
+        shots = int(self.dataset.shots)
+        held_out = ctx.held_out_train(min(shots, 4) if shots >= 1 else 4)
         if not held_out:
-            raise MethodError(f"{name} has no validation split and no training images outside the "
+            raise MethodError(f"{self.dataset.name} has no validation split and no training images outside the "
                               f"few-shot set to choose the linear probe's C on.")
         return held_out, "train_heldout"
 

@@ -41,7 +41,6 @@ loader reads such a file, as it loads non-strictly).
 from __future__ import annotations
 
 import copy
-import itertools
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -145,8 +144,8 @@ class MaPLe(Method):
     official_module = "official_layout"
     official_ignore = (PREFIX + "token_prefix", PREFIX + "token_suffix", PREFIX + "tokenized_prompts")
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         visual = clip.visual
         if not hasattr(visual, "class_embedding") or not hasattr(visual, "ln_pre"):
             raise MethodError("MaPLe needs a vision transformer backbone (its image prompts are tokens); "
@@ -167,16 +166,11 @@ class MaPLe(Method):
             raise ValueError(f"MaPLe's PROMPT_DEPTH ({depth}) exceeds the {n_blocks} blocks of the backbone; "
                              f"the official code would create prompts it never uses.")
         self.prompt_learner = MultiModalPromptLearner(clip, classnames, self.options)
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None
 
     # -- class names and weights ------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
         self.prompt_learner.embed_classnames(self.clip, classnames)
-        self._text_cache = None
-
-    def on_weights_loaded(self) -> None:
-        self._text_cache = None
 
     @property
     def official_layout(self) -> "_OfficialLayout":
@@ -218,21 +212,8 @@ class MaPLe(Method):
         x = _run_with_deep_prompts(visual.transformer.resblocks, x, None, deep, place)
         return visual.ln_post(x[:, 0, :]) @ visual.proj
 
-    def _weights_key(self) -> tuple:
-        # in-place updates (optimiser steps, loading) bump a tensor's version
-        tensors = itertools.chain(self.prompt_learner.parameters(), self.prompt_learner.buffers())
-        return (torch.is_autocast_enabled(),) + tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-
-    def text_features(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return self.encode_text()
-        key = self._weights_key()
-        if self._text_cache is None or self._text_cache[0] != key:
-            self._text_cache = (key, self.encode_text())
-        return self._text_cache[1]
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        text = self.text_features()
+        text = self.prompt_features()
         image = self.encode_image(images)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)

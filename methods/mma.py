@@ -120,26 +120,15 @@ class MMA(Method):
     official_module = "adapter_learner"
     official_ignore = ("token_embedding", "tokenized_prompts")
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         self.adapter_learner = AdapterLearner(clip, classnames, self.options)
-        self._text_cache: torch.Tensor | None = None
-        self._frozen_text: tuple[tuple, torch.Tensor] | None = None
+        self._frozen_text: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     # -- class names -------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
         self.adapter_learner.embed_classnames(self.clip, classnames)
-        self._text_cache = None
-        self._frozen_text = None
-
-    def on_weights_loaded(self) -> None:
-        self._text_cache = None
-        self._frozen_text = None  # a harness checkpoint also restores the prompt embeddings
-
-    def train(self, mode: bool = True) -> "MMA":
-        self._text_cache = None
-        return super().train(mode)
 
     # -- encoders ----------------------------------------------------------------
     def _run_blocks(self, tower: str, blocks, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
@@ -164,11 +153,14 @@ class MMA(Method):
         class set, input length, precision and device (the FROZEN_TEXT fast path)."""
         kind = x.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        key = (tuple(x.shape), x.dtype, x.device, autocast)
-        if self._frozen_text is None or self._frozen_text[0] != key:
+        # the prompt embeddings by identity and version: new class names or a loaded
+        # checkpoint replace or rewrite them
+        prompts = self.adapter_learner.token_embedding
+        key = (tuple(x.shape), x.dtype, x.device, autocast, id(prompts), prompts._version)
+        if self._frozen_text is None or self._frozen_text[0] != key or self._frozen_text[2] is not prompts:
             for block in blocks:
                 x = block(x, attn_mask=attn_mask)
-            self._frozen_text = (key, x)
+            self._frozen_text = (key, x, prompts)
         return self._frozen_text[1]
 
     def encode_text(self) -> torch.Tensor:

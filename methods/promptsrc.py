@@ -186,13 +186,12 @@ class PromptSRC(Method):
     official_module = "official_layout"
     official_ignore = _CLASS_BUFFERS
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         if not getattr(clip.visual.transformer, "batch_first", True) or not getattr(clip.transformer, "batch_first", True):
             raise MethodError("PromptSRC expects a batch-first open_clip transformer.")
         self.prompt_learner = PromptLearner(clip, classnames, self.options)
         self._fixed_text: torch.Tensor | None = None  # frozen text features of the classes (fp32)
-        self._text_cache: torch.Tensor | None = None
         self._extras: dict | None = None  # what the training forward leaves for ``loss``
         self._gpa: dict[str, torch.Tensor] | None = None  # running GPA sum of the prompts
         self._gpa_weights: list[float] = []  # the epoch weights added to it so far
@@ -203,13 +202,8 @@ class PromptSRC(Method):
         self.classnames = list(classnames)
         self.prompt_learner.embed_classnames(self.clip, classnames)
         self._fixed_text = None
-        self._text_cache = None
-
-    def on_weights_loaded(self) -> None:
-        self._text_cache = None
 
     def train(self, mode: bool = True) -> "PromptSRC":
-        self._text_cache = None
         self._extras = None
         return super().train(mode)
 
@@ -344,7 +338,6 @@ class PromptSRC(Method):
             value.copy_(self._fold(value, self._gpa_weights))
         self._frozen_gpa = list(self._gpa_weights)
         self._gpa, self._gpa_weights = None, []
-        self._text_cache = None
 
     # the harness's own checkpoints keep no CLIP weights: they record the epoch weights of the
     # aggregate so that loading one repeats the (deterministic) change of the frozen weights
@@ -362,7 +355,6 @@ class PromptSRC(Method):
         for value in self._constant_tensors(with_class_buffers=False).values():
             value.copy_(self._fold(value, weights))
         self._frozen_gpa = weights
-        self._text_cache = None
 
     # -- official checkpoints -------------------------------------------------------------
     def official_tensors(self) -> "OrderedDict[str, torch.Tensor]":

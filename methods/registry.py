@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import itertools
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +38,16 @@ PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
 class MethodError(ValueError):
     """An unknown method name or a method that cannot be built as asked."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, out of memory); its message and ``details``
+    (what failed, where) are stored in the run's failure record.  Raised by the trainer and
+    by methods with a loop of their own."""
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.details = details
 
 
 class ClassesNotSupported(MethodError):
@@ -133,14 +145,32 @@ def add_method_defaults(cfg: CN) -> None:
             cfg.TRAINER[info.node] = CN(dict(info.defaults))
 
 
-def build_method(name: str, clip: nn.Module, classnames: Sequence[str], cfg: CN) -> "Method":
-    """Build a registered method around a CLIP model for the given class names."""
+def build_method(name: str, clip: nn.Module, classnames: Sequence[str], cfg: CN,
+                 dataset: "DatasetContext | None" = None) -> "Method":
+    """Build a registered method around a CLIP model for the given class names, told
+    what it classifies (``dataset``; by default the class names with the generic template)."""
     info = get_method(name)
     if not classnames:
         raise MethodError(f"Method '{name}' needs at least one class name; got an empty list.")
-    model = info.cls(clip, list(classnames), cfg)
+    if dataset is None:
+        dataset = DatasetContext(tuple(classnames))
+    elif tuple(dataset.classnames) != tuple(classnames):
+        raise MethodError(f"build_method('{name}'): the class names differ from those of the dataset it is "
+                          f"told about ({len(classnames)} against {len(dataset.classnames)}).")
+    if "dataset" not in inspect.signature(info.cls.__init__).parameters:
+        raise MethodError(f"{info.cls.__name__}.__init__ must accept the dataset it classifies: "
+                          "def __init__(self, clip, classnames, cfg, dataset=None), passing dataset on to "
+                          "Method.__init__ (see methods/zsclip.py).")
+    model = info.cls(clip, list(classnames), cfg, dataset=dataset)
     model.freeze()
     return model
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Keys of ``Method._text_key``: the tensors compared by identity (an id or an address
+    can be reused by a new tensor; a kept reference cannot), the rest by value."""
+    return (a[0] == b[0] and len(a[1]) == len(b[1]) and all(x is y for x, y in zip(a[1], b[1]))
+            and a[2] == b[2])
 
 
 class _GradScale(torch.autograd.Function):
@@ -225,6 +255,27 @@ def copy_checked(state: dict, own: dict, missing: Sequence[str], what: str, opti
             own[key].copy_(value.to(own[key].dtype))
 
 
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class DatasetContext:
+    """What a method classifies, handed to it by the harness: when it is built
+    (``build_method``) and whenever the class set changes (``Method.use_dataset``).  A
+    method never reads the config's ``DATASET`` node, the dataset catalogue or the toy
+    world: a cross-dataset target is classified with the target's own template."""
+
+    classnames: tuple[str, ...]
+    name: str = ""  # the catalogue's key ("oxford_pets"); "" for data outside the catalogue
+    template: str = DEFAULT_TEMPLATE  # the dataset's zero-shot prompt ("a photo of a {}, a type of pet.")
+    world: str = "real"  # "real", "toy" or "synthetic"
+    shots: int = 0  # training images per class of the run (0: every image)
+    val_is_test: bool = False  # its validation split is its test set (ImageNet): never select on it
+
+    def __post_init__(self):
+        object.__setattr__(self, "classnames", tuple(self.classnames))
+
+
 class Method(nn.Module):
     """Base class: a CLIP model plus what a method learns; ``forward(images) -> logits``.
 
@@ -242,11 +293,18 @@ class Method(nn.Module):
     registry_name = ""
     node = ""
 
-    def __init__(self, clip: nn.Module, classnames: list[str], cfg: CN):
+    def __init__(self, clip: nn.Module, classnames: list[str], cfg: CN, dataset: DatasetContext | None = None):
         super().__init__()
         self.clip = clip
         self.cfg = cfg
         self.classnames = list(classnames)
+        self.dataset = dataset if dataset is not None else DatasetContext(tuple(classnames))
+
+    def use_dataset(self, dataset: DatasetContext) -> None:
+        """Classify ``dataset`` from now on: its classes, with its template (the harness
+        calls this for novel classes and for every cross-dataset or shifted target)."""
+        self.dataset = dataset
+        self.set_classnames(list(dataset.classnames))
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -291,15 +349,25 @@ class Method(nn.Module):
 
     # Methods whose text features come from ``encode_text()`` (learned prompts, adapters)
     # read them through ``prompt_features``: recomputed at every training step, encoded once
-    # at evaluation.  They set ``_text_cache = None`` where the class names or weights change.
-    _text_cache: torch.Tensor | None = None
-
+    # at evaluation and kept while nothing they depend on changes.
     def prompt_features(self) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
             return self.encode_text()
-        if self._text_cache is None:  # evaluation: the class prompts are encoded once
-            self._text_cache = self.encode_text()
-        return self._text_cache
+        key = self._text_key()
+        cached = self.__dict__.get("_text_cache")
+        if cached is None or not _same_key(cached[0], key):
+            cached = self.__dict__["_text_cache"] = (key, self.encode_text())
+        return cached[1]
+
+    def _text_key(self) -> tuple:
+        """What the text features depend on: every tensor of the method (learned weights,
+        class-name buffers, CLIP's weights, which a method may fold in place) by identity,
+        version (optimiser steps and in-place loads bump it), storage, dtype and device; and
+        autocast.  No method has to say when they change."""
+        tensors = tuple(itertools.chain(self.parameters(), self.buffers()))
+        autocast = tuple(torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
+                         for kind in ("cpu", "cuda"))
+        return (autocast, tensors, tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
 
     # Methods whose image features are exactly the frozen tower's output (``image_features``
     # below, never trained, never prompted) say so and split ``forward`` into

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -59,10 +58,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from benchmark.backbone import tokenize
-from methods.registry import Method, MethodError, encode_tokens, register_method
+from methods.registry import Method, MethodError, TrainingError, encode_tokens, register_method
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +90,15 @@ _COMMON_DEFAULTS = dict(
 
 
 # -- the official computations, as functions -------------------------------------------------
-def tip_templates(dataset: str, root: str = "", override: Sequence[str] = ()) -> list[str]:
-    """The prompt templates of a dataset: the seven-template ensemble for ImageNet, the
-    dataset's single template otherwise (the toy world's caption form on a toy root)."""
+def tip_templates(dataset, override: Sequence[str] = ()) -> list[str]:
+    """The prompt templates of the dataset being classified (a ``DatasetContext``): the
+    seven-template ensemble for ImageNet, the dataset's single template otherwise (the toy
+    world keeps its own caption form)."""
     if override:
         return list(override)
-    from methods.zsclip import dataset_template
-    from datasets.toy import is_toy_root
-
-    if dataset == "imagenet" and not (root and is_toy_root(root)):
+    if dataset.name == "imagenet" and dataset.world != "toy":
         return list(IMAGENET_TEMPLATES)
-    return [dataset_template(dataset, root)]
+    return [dataset.template]
 
 
 def _normalized(features: torch.Tensor) -> torch.Tensor:
@@ -168,10 +164,6 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(dim=-1) == labels).sum()) / max(int(labels.numel()), 1)
 
 
-def _workers(cfg) -> int:
-    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
-
-
 def _shots_of(path: Path) -> int | None:
     match = re.search(r"(\d+)shots\.pt$", path.name)
     return int(match.group(1)) if match else None
@@ -189,10 +181,9 @@ class TipAdapter(Method):
     trainable = ()  # nothing trains in the trainer's loop; the cache is built in ``fit``
     finetune = False
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         opts = self.options
-        self.templates = tip_templates(cfg.DATASET.NAME, cfg.DATASET.ROOT, list(opts.TEMPLATES))
         self.alpha, self.beta = float(opts.INIT_ALPHA), float(opts.INIT_BETA)
         self.cache_classnames: list[str] = []  # the classes the values are one-hot over
         text = clip_classifier(clip, self.classnames, self.templates, truncate=self.fast("TRUNCATE_TEXT"))
@@ -230,6 +221,10 @@ class TipAdapter(Method):
         return self.logits_of(self.encode(images))
 
     # -- class names ---------------------------------------------------------------------------
+    @property
+    def templates(self) -> list[str]:
+        return tip_templates(self.dataset, list(self.options.TEMPLATES))
+
     def _classifier(self) -> torch.Tensor:
         return clip_classifier(self.clip, self.classnames, self.templates, truncate=self.fast("TRUNCATE_TEXT"))
 
@@ -290,21 +285,13 @@ class TipAdapter(Method):
         self._remap_values()
 
     # -- fitting -------------------------------------------------------------------------------
-    def _train_transform(self, cfg):
-        from benchmark.transforms import build_train_transform
-
-        return build_train_transform(cfg)  # the YAML sets the official crop scale (0.5, 1)
-
     @torch.no_grad()
     def build_cache(self, ctx) -> dict:
         """The official cache: raw features of AUGMENT_EPOCH augmented passes (in list order),
         averaged, then normalised; labels of the first pass."""
-        from benchmark.trainer import ImageList
-
-        opts, cfg = self.options, ctx.cfg
-        loader = DataLoader(ImageList(ctx.train, self._train_transform(cfg)), batch_size=int(opts.CACHE_BATCH_SIZE),
-                            shuffle=False, num_workers=_workers(cfg), drop_last=False,
-                            pin_memory=ctx.device.type == "cuda")
+        opts = self.options
+        # the official cache loader: the train transforms (the YAML sets the official crop scale), in order
+        loader = ctx.loader(ctx.train, augment=True, batch_size=int(opts.CACHE_BATCH_SIZE), shuffle=False)
         passes, labels = [], []
         self.eval()
         for epoch in range(int(opts.AUGMENT_EPOCH)):
@@ -322,13 +309,7 @@ class TipAdapter(Method):
 
     def _selection_features(self, ctx) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """Normalised features and labels of the split used to select, or a reason not to."""
-        from datasets.catalog import CATALOG, UnknownDatasetError, resolve_name
-
-        try:
-            spec = CATALOG.get(resolve_name(str(ctx.cfg.DATASET.NAME)))
-        except UnknownDatasetError:  # a dataset outside the catalogue (a plugin's)
-            spec = None
-        if spec is not None and spec.val_is_test:
+        if self.dataset.val_is_test:
             return None, None, "the dataset has no validation split (its val is the test set)"
         if not ctx.val:
             return None, None, "no validation images"
@@ -373,7 +354,7 @@ class TipAdapter(Method):
     def _shots(self, shots: int | None) -> int:
         if shots:
             return int(shots)
-        configured = int(self.cfg.DATASET.NUM_SHOTS)
+        configured = int(self.dataset.shots)
         if configured > 0:
             return configured
         n, c = self.cache_labels.shape[0], max(len(self.cache_classnames), 1)
@@ -408,10 +389,10 @@ class TipAdapter(Method):
         k = shots or (None if path.is_dir() else _shots_of(path))
         if k is None:
             found = sorted(directory.glob("keys_*shots.pt"))
-            if len(found) != 1 and int(self.cfg.DATASET.NUM_SHOTS) <= 0:
+            if len(found) != 1 and int(self.dataset.shots) <= 0:
                 raise FileNotFoundError(f"Cannot tell which keys_<K>shots.pt of {directory} to read "
                                         f"(found {[p.name for p in found]}); pass shots=K.")
-            k = _shots_of(found[0]) if len(found) == 1 else int(self.cfg.DATASET.NUM_SHOTS)
+            k = _shots_of(found[0]) if len(found) == 1 else int(self.dataset.shots)
 
         def read(name: str) -> torch.Tensor:
             file = directory / name
@@ -457,8 +438,6 @@ class TipAdapterF(TipAdapter):
         return adapter
 
     def fit(self, ctx) -> dict:
-        from benchmark.trainer import ImageList
-
         cfg, opts = ctx.cfg, self.options
         report = self.build_cache(ctx)
         features, labels, reason = self._selection_features(ctx)
@@ -470,9 +449,7 @@ class TipAdapterF(TipAdapter):
             report["n_val"] = int(labels.numel())
 
         adapter = self.init_adapter()
-        loader = DataLoader(ImageList(ctx.train, self._train_transform(cfg)),
-                            batch_size=int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE), shuffle=True,
-                            num_workers=_workers(cfg), drop_last=False, pin_memory=ctx.device.type == "cuda")
+        loader = ctx.loader(ctx.train, augment=True, batch_size=int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE), shuffle=True)
         epochs = int(cfg.OPTIM.MAX_EPOCH)
         optimizer = torch.optim.AdamW(adapter.parameters(), lr=float(cfg.OPTIM.LR), eps=float(opts.ADAM_EPS),
                                       weight_decay=float(cfg.OPTIM.WEIGHT_DECAY),
@@ -490,8 +467,6 @@ class TipAdapterF(TipAdapter):
                 logits = self.logits_of(feats, alpha, beta, keys=adapter.weight)
                 loss = F.cross_entropy(logits, target.to(ctx.device))
                 if not torch.isfinite(loss):
-                    from benchmark.trainer import TrainingError
-
                     raise TrainingError(f"Tip-Adapter-F loss is {loss.item()} at epoch {epoch + 1}; "
                                         f"lower OPTIM.LR or use PREC fp32.")
                 optimizer.zero_grad()

@@ -2,9 +2,10 @@
 
 "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021), as
 run by the official CoOp code base's zero-shot trainer: class names with "_" replaced by
-spaces, put into the dataset's template (``datasets.catalog``: "a photo of a {}, a type
-of pet." for Oxford Pets, ...), encoded once, L2-normalised; logits are the image-text
-cosine similarities times CLIP's logit scale.  Nothing trains.
+spaces, put into the template of the dataset it classifies (handed over by the harness:
+"a photo of a {}, a type of pet." for Oxford Pets, ...; each cross-dataset target its
+own), encoded once, L2-normalised; logits are the image-text cosine similarities times
+CLIP's logit scale.  Nothing trains.
 """
 
 from __future__ import annotations
@@ -16,21 +17,6 @@ import torch.nn.functional as F
 
 from benchmark.backbone import tokenize
 from methods.registry import Method, encode_tokens, register_method
-
-DEFAULT_TEMPLATE = "a photo of a {}."
-
-
-def dataset_template(name: str, root: str = "") -> str:
-    """The zero-shot template of a dataset of the catalogue (the generic one otherwise).
-
-    In the toy world every slot uses the toy CLIP's caption form instead."""
-    from datasets.catalog import CATALOG
-    from datasets.toy import TEMPLATE, is_toy_root
-
-    if root and is_toy_root(root):
-        return TEMPLATE
-    spec = CATALOG.get(name)
-    return spec.template if spec is not None else DEFAULT_TEMPLATE
 
 
 @torch.no_grad()
@@ -48,11 +34,15 @@ class ZeroShotCLIP(Method):
     trainable = ()
     frozen_image_features = True
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
-        self.template = self.options.TEMPLATE or dataset_template(cfg.DATASET.NAME, cfg.DATASET.ROOT)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         self.register_buffer("text_features", torch.empty(0), persistent=False)
         self.set_classnames(classnames)
+
+    @property
+    def template(self) -> str:
+        """TEMPLATE when set, else the template of the dataset being classified."""
+        return self.options.TEMPLATE or self.dataset.template
 
     @torch.no_grad()
     def set_classnames(self, classnames: Sequence[str]) -> None:

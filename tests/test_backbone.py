@@ -15,6 +15,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
+from tolerance import assert_close, clip_ops
 
 from benchmark.backbone import (
     DEFAULT_BACKBONE,
@@ -142,7 +143,7 @@ def test_openai_checkpoint_round_trip(tmp_path, tiny12, torchscript):
     assert sd.keys() == sd_loaded.keys()
     assert all(torch.equal(sd[k], sd_loaded[k]) for k in sd)
     for ours, theirs in zip(_features(tiny12), _features(loaded)):
-        assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
+        assert_close(ours, theirs, ops=clip_ops(tiny12))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -286,7 +287,7 @@ def test_open_clip_tag_from_local_hub_cache(tmp_path, tiny12, empty_caches, monk
     assert os.environ.get("HF_HUB_OFFLINE") == offline_before  # the offline switch is scoped to the load
     assert type(loaded) is open_clip.model.CLIP
     for ours, theirs in zip(_features(tiny12), _features(loaded)):
-        assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
+        assert_close(ours, theirs, ops=clip_ops(tiny12))
     assert backbone_fingerprint("tiny-clip-12:test") == "tiny-clip-12:test"
     assert no_network == []
 

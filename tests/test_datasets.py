@@ -22,12 +22,12 @@ from datasets.base import (
     DatasetError,
     Datum,
     UnsafePickleError,
-    build_dataset,
     generate_fewshot,
     read_dassl_pickle,
     subsample_classes,
     write_dassl_pickle,
 )
+from datasets.build import build_dataset
 from datasets.catalog import (
     BASE2NOVEL_DATASETS,
     CATALOG,

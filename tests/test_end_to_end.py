@@ -12,7 +12,7 @@ import pytest
 
 from benchmark import store
 from benchmark.tables import base2novel_table, records_frame
-from datasets.base import build_dataset
+from datasets.build import build_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

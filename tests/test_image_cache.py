@@ -21,7 +21,8 @@ from PIL import Image
 from benchmark.config import get_cfg_default
 from benchmark.image_cache import IMAGE_DIR, DecodedImages, image_cache_key
 from benchmark.transforms import build_test_transform
-from datasets.base import Datum, build_dataset
+from datasets.base import Datum
+from datasets.build import build_dataset
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

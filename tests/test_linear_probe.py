@@ -14,12 +14,14 @@ import torchvision.transforms as T
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
+from tolerance import assert_close, ops
 
 import benchmark
 import methods.linear_probe  # noqa: F401  (registers "linear_probe")
-from benchmark import trainer
+from benchmark import loaders, trainer
+from benchmark.loaders import eval_inputs
 from benchmark.protocols import base2novel
-from datasets.base import build_dataset
+from datasets.build import build_dataset
 from datasets.synthetic import write_synthetic_dataset, write_synthetic_root
 from methods.linear_probe import INITIAL_C, search_c
 from methods.registry import ClassesNotSupported, MethodError
@@ -78,7 +80,7 @@ def _features(clip, items):
 def _logits(model, items, cfg):
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(images) for images, _ in trainer.test_loader(items, cfg, torch.device("cpu"))])
+        return torch.cat([model(images) for images, _ in loaders.test_loader(items, cfg, torch.device("cpu"))])
 
 
 def _official_search(train_x, train_y, val_x, val_y, num_step=8):
@@ -177,9 +179,10 @@ def test_torch_logits_give_sklearn_predictions(tiny_clip, root):
     logits = _logits(model, data.test, cfg)
     assert logits.shape == (len(data.test), 10) and logits.dtype == torch.float64
     assert np.array_equal(logits.argmax(-1).numpy(), clf.predict(test_x))
-    assert np.allclose(logits.numpy(), clf.decision_function(test_x), atol=1e-6)
+    # the same float64 features on both sides: one product of length D and the bias, in float64
+    assert_close(logits, torch.as_tensor(clf.decision_function(test_x)), ops=ops(test_x.shape[1], depth=2))
     # and the trainer's own evaluation path gives the accuracy of those predictions
-    metrics = trainer.evaluate(model, data.test, cfg, torch.device("cpu"), "fp32")
+    metrics = trainer.evaluate(model, data.test, eval_inputs(model, cfg, torch.device("cpu")), "fp32")
     assert metrics["accuracy"] == pytest.approx(100 * np.mean(clf.predict(test_x) == test_y))
 
 
@@ -194,7 +197,9 @@ def test_two_classes_give_the_binary_model_decision(tiny_clip, tmp_path):
     test_x, _ = _features(tiny_clip, data.test)
     logits = _logits(model, data.test, _cfg(tmp_path, shots=2, subsample="base"))
     assert np.array_equal(logits.argmax(-1).numpy(), clf.predict(test_x))
-    assert np.allclose(logits[:, 1] - logits[:, 0], clf.decision_function(test_x), atol=1e-6)
+    # a difference of two logits: the errors are relative to the logits, not to the difference
+    assert_close(logits[:, 1] - logits[:, 0], torch.as_tensor(clf.decision_function(test_x)),
+                 ops=ops(test_x.shape[1], depth=3), scale=logits.abs().max().item())
 
 
 def test_val_with_fewer_images_than_asked_is_used_as_it_is(tiny_clip, root):
@@ -210,8 +215,9 @@ def test_imagenet_chooses_c_on_held_out_training_images(tiny_clip, root):
     cfg = _cfg(root, dataset="imagenet", shots=2)
     data = build_dataset("imagenet", root, num_shots=2, seed=1)
     assert data.val == data.test  # what the trainer hands a method for ImageNet
-    model = benchmark.build("linear_probe", data.classnames, clip=tiny_clip)
-    ctx = trainer.FitContext(data.train, data.val, cfg, torch.device("cpu"), "fp32")
+    model = benchmark.build("linear_probe", data.classnames, clip=tiny_clip, dataset="imagenet", shots=2)
+    ctx = trainer.FitContext(data.train, data.val, cfg, torch.device("cpu"), "fp32", seed=1,
+                             full_train=lambda: build_dataset("imagenet", root).train)
     held_out, source = model._validation_data(ctx)
     assert source == "train_heldout"
     test_paths, train_paths = {d.impath for d in data.test}, {d.impath for d in data.train}
@@ -238,16 +244,17 @@ def test_class_names_before_and_after_fit(tiny_clip, root):
     model.eval()
     with torch.no_grad():
         full = model(images)
+        head = ops(model.head.weight.shape[1], depth=2)  # the float64 head on the same features
         order = [3, 0, 9, 1, 2, 8, 7, 4, 5, 6]
         model.set_classnames([names[i] for i in order])  # same classes, other order: rows follow
-        assert torch.allclose(model(images), full[:, order], rtol=1e-12, atol=1e-12)
+        assert_close(model(images), full[:, order], ops=head)
         model.set_classnames([names[4], names[2]])  # a subset: its rows
-        assert torch.allclose(model(images), full[:, [4, 2]], rtol=1e-12, atol=1e-12)
+        assert_close(model(images), full[:, [4, 2]], ops=head)
         with pytest.raises(ClassesNotSupported, match="new to it"):
             model.set_classnames(names[:5] + ["a class never seen"])
         assert model.classnames == [names[4], names[2]]  # a refused change leaves the model as it was
         model.set_classnames(names)
-        assert torch.allclose(model(images), full, rtol=1e-12, atol=1e-12)
+        assert_close(model(images), full, ops=head)
 
 
 def test_no_validation_images_is_an_error(tiny_clip, root):

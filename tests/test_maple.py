@@ -10,12 +10,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close, clip_ops, ops
 from torch import nn
 
 import benchmark
 import methods.maple  # noqa: F401  (registers "maple")
 from benchmark.backbone import tokenize
-from benchmark.trainer import cast_clip
+from benchmark.precision import cast_clip
 from methods.registry import MethodError
 
 NAMES = ["golden_retriever", "tabby cat", "hot-air balloon"]
@@ -106,14 +107,14 @@ def test_logits_and_gradients_equal_the_official_forward(tiny_clip):
     labels = torch.tensor([0, 2, 1, 1])
     logits = model(images)
     official = _official_logits(model, tiny_clip, NAMES, images)
-    assert torch.allclose(logits, official, rtol=1e-5, atol=1e-4)
+    assert_close(logits, official, ops=clip_ops(tiny_clip), what="logits")
     params = [p for p in model.prompt_learner.parameters()]
     assert len(params) == 3 + 3 * (depth - 1)
     grads = torch.autograd.grad(F.cross_entropy(logits, labels), params)
     want = torch.autograd.grad(F.cross_entropy(official, labels), params)
     for (name, _), got, ref in zip(model.prompt_learner.named_parameters(), grads, want):
         assert got.abs().sum() > 0, name  # every prompt and projection is used
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item()), name
+        assert_close(got, ref, ops=clip_ops(tiny_clip, passes=2), what=name)
 
 
 def test_prompt_layout_only_a_photo_is_learned(tiny_clip):
@@ -144,7 +145,7 @@ def test_depth_one_text_side_is_clip_on_the_written_prompt(tiny_clip):
     with torch.no_grad():
         text = model.encode_text()
         expected = tiny_clip.encode_text(tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
-        assert torch.allclose(text, expected, atol=1e-5)
+        assert_close(text, expected, ops=clip_ops(tiny_clip))
         images = torch.randn(2, 3, 32, 32)
         assert not torch.allclose(model.encode_image(images), tiny_clip.encode_image(images), atol=1e-3)
 
@@ -171,7 +172,7 @@ def test_deep_prompts_overwrite_the_prompt_positions_before_block_1(tiny_clip):
     h2.remove()
     text_h = text_in[0][:, 1:3]  # (classes, 2, text width)
     # causal attention: the prompt positions see only SOS and the context, the same for every class
-    assert torch.allclose(text_h, text_h[:1].expand_as(text_h), atol=1e-6)
+    assert_close(text_h, text_h[:1].expand_as(text_h), ops=clip_ops(tiny_clip))  # rows of one batch
     text_h, image_h = text_h[0], image_in[0][0, -2:]
     assert image_in[0].shape[1] == 1 + 16 + 2  # class token, 4x4 patches, 2 prompt tokens at the end
 
@@ -185,8 +186,10 @@ def test_deep_prompts_overwrite_the_prompt_positions_before_block_1(tiny_clip):
         weight = image_h.double().t() @ torch.linalg.pinv(text_h.double().t())
         learner.compound_prompt_projections[0].weight.copy_(weight.float())
         learner.compound_prompt_projections[0].bias.zero_()
-        assert torch.allclose(learner.compound_prompt_projections[0](text_h), image_h, atol=1e-5)
-        assert torch.allclose(deep(image), reference, atol=1e-4)
+        # the float32 weight, then a product of length 2 (the errors are relative to its terms)
+        terms = (weight.abs() @ text_h.abs().double().t()).max().item()
+        assert_close(learner.compound_prompt_projections[0](text_h), image_h, ops=ops(2, depth=2), scale=terms)
+        assert_close(deep(image), reference, ops=clip_ops(tiny_clip))
         learner.compound_prompts_text[0].add_(0.5)
         assert not torch.allclose(deep(image), reference, atol=1e-3)
 
@@ -327,7 +330,7 @@ def test_set_classnames_for_novel_classes_and_the_text_cache(tiny_clip):
     with torch.no_grad():
         model.prompt_learner.compound_prompts_text[0].add_(0.3)
         cached = model(images)
-    assert torch.allclose(cached, model(images).detach(), atol=1e-6)
+    assert_close(cached, model(images).detach(), ops=clip_ops(tiny_clip))  # with and without autograd
     assert not torch.allclose(cached, got, atol=1e-3)
 
 

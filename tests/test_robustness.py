@@ -5,10 +5,10 @@ tests prove)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +41,8 @@ class OutOfMemoryProbe(Method):
 
     trainable = ("scale",)
 
-    def __init__(self, clip, classnames, cfg):
-        super().__init__(clip, classnames, cfg)
+    def __init__(self, clip, classnames, cfg, dataset=None):
+        super().__init__(clip, classnames, cfg, dataset)
         self.scale = torch.nn.Parameter(torch.ones(1))
 
     def set_classnames(self, classnames):
@@ -77,7 +77,7 @@ def test_more_shots_than_images_keeps_every_image_and_says_so(tmp_path, caplog):
 
 
 def test_a_truncated_test_image_fails_its_run_naming_the_file(tmp_path):
-    from datasets.base import build_dataset
+    from datasets.build import build_dataset
     from datasets.synthetic import write_synthetic_root
 
     root = write_synthetic_root(tmp_path / "data", ["eurosat"])
@@ -172,7 +172,7 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys, args, expected
 
 
 def test_listed_test_images_missing_on_disk_are_reported_before_any_run(tmp_path, capsys):
-    from datasets.base import build_dataset
+    from datasets.build import build_dataset
     from datasets.synthetic import write_synthetic_root
 
     root = write_synthetic_root(tmp_path / "data", ["eurosat"])

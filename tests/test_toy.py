@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from datasets import toyworld as W
-from datasets.base import build_dataset
-from datasets.toy import TEMPLATE, build_tasks, world_of, write_toy_root
-from methods.zsclip import dataset_template
+from datasets.build import build_dataset
+from datasets.toy import TEMPLATE, build_tasks, write_toy_root
+from datasets.worlds import dataset_template, world_of
 
 SLOTS = ["caltech101", "ucf101", "oxford_pets", "imagenet", "imagenet_sketch"]
 SMALL = {"train": 16, "val": 2, "test": 10}
@@ -32,7 +32,7 @@ def test_slots_load_through_the_real_loaders(toy_root):
         assert [c.replace("_", " ").lower() for c in data.classnames] == [c.lower() for c in tasks[slot].names]
     sketch = build_dataset("imagenet_sketch", toy_root)
     assert sketch.classnames == tasks["imagenet"].names
-    assert dataset_template("oxford_pets", str(toy_root)) == TEMPLATE
+    assert dataset_template("oxford_pets", world_of(toy_root)) == TEMPLATE
 
 
 def test_held_out_compositions_only_in_the_novel_slot():

@@ -11,8 +11,13 @@ import torch
 import benchmark
 from benchmark import config as C
 from benchmark.protocols import resolve_config
-from benchmark.trainer import (classification_metrics, epoch_learning_rates, set_random_seed, train)
-from datasets.base import build_dataset
+from benchmark.trainer import (
+    classification_metrics,
+    epoch_learning_rates,
+    set_random_seed,
+    train,
+)
+from datasets.build import build_dataset
 
 
 def _cfg(**optim):
@@ -92,7 +97,7 @@ def test_seeding_matches_the_reference_order():
 
 def _set_loss(model, data, cfg):
     """Cross-entropy over the whole training set with the deterministic test transform."""
-    from benchmark.trainer import test_loader
+    from benchmark.loaders import test_loader
 
     model.eval()
     losses = []

@@ -141,10 +141,10 @@ def test_live_progress_shows_the_sweep_the_epochs_and_the_evaluation(tmp_path, m
 
     from rich.console import Console
 
-    from benchmark import cli, trainer
+    from benchmark import display, trainer
 
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=160))
+    monkeypatch.setattr(display, "console", Console(file=screen, force_terminal=True, width=160))
     code = main(["--methods", "coop", "--world", "synthetic", "--datasets", "eurosat", "--seeds", "1",
                  "--output", str(tmp_path / "out"), "--opts", "OPTIM.MAX_EPOCH", "3"])
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.getvalue())
@@ -152,4 +152,4 @@ def test_live_progress_shows_the_sweep_the_epochs_and_the_evaluation(tmp_path, m
     assert re.search(r"local .*1/1\s+1 done, 0 running, 0 failed, 0 skipped", text)
     assert re.search(r"train .*epoch [1-3]/3 loss [0-9.]+, [0-9.]+ steps/s", text)
     assert re.search(r"eval .*\d+/\d+ 5 classes, [0-9.]+ img/s", text)
-    assert trainer._progress is None  # the hook is gone with the display
+    assert not hasattr(trainer, "_progress")  # handed down to the run, no global hook to leave behind

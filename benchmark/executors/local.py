@@ -10,7 +10,9 @@ Worker processes come from a fork server that imported the trainer once, so that
 worker starts in a fraction of a second instead of importing torch again.  A worker that
 dies mid-run (killed, out of memory) is replaced and its run retried up to
 ``max_retries`` times; after that the run is reported lost (the sweep records the
-failure).  Ctrl-C or SIGTERM stops the workers; the sweep removes their locks.
+failure).  Ctrl-C or SIGTERM stops the workers; the sweep removes their locks.  A worker
+ends as soon as the sweep process is gone, however it ended (``kill -9`` included); its
+data loader workers follow it, and the fork server ends with the last of them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -70,11 +73,27 @@ class _Worker:
     attempt: int = 0
 
 
-def _worker_main(conn, slot: str | None, threads: int) -> None:
-    """A worker process: run ``fn(item)`` for each message until told to stop."""
+def _sweep_gone(sweep: int) -> None:
+    """Wait until the sweep process ``sweep`` has ended, then end this worker at once
+    (its data loader workers follow their own process, see benchmark.workers).
+
+    The worker's parent is the fork server, not the sweep, and a busy worker reads nothing
+    from the sweep until its run ends, so nothing else would tell it: it would finish its
+    run (minutes) for a sweep that no longer exists."""
+    from benchmark.workers import wait_for_exit  # preloaded by the fork server
+
+    wait_for_exit(sweep)
+    os._exit(1)
+
+
+def _worker_main(conn, slot: str | None, threads: int, sweep: int | None = None) -> None:
+    """A worker process: run ``fn(item)`` for each message until told to stop, or until the
+    sweep process ``sweep`` ends."""
     if slot is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot  # before anything touches CUDA
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep decides when workers stop
+    if sweep is not None:
+        threading.Thread(target=_sweep_gone, args=(sweep,), name="sweep-watch", daemon=True).start()
     if threads:
         import torch
 
@@ -91,7 +110,10 @@ def _worker_main(conn, slot: str | None, threads: int) -> None:
             reply = ("ok", fn(item))
         except BaseException as exc:  # reported to the sweep, which records the failure
             reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=20)}")
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):  # the sweep is gone
+            return
 
 
 def _context():
@@ -141,7 +163,7 @@ class LocalExecutor(Executor):
 
     def _start(self, ctx, slot: str | None) -> _Worker:
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker_main, args=(child, slot, self._threads()),
+        process = ctx.Process(target=_worker_main, args=(child, slot, self._threads(), os.getpid()),
                               name=f"sweep-worker-{slot if slot is not None else 'cpu'}")
         process.start()
         child.close()

@@ -1,0 +1,162 @@
+"""What the command line shows: tables, the sweep's live progress, the dry run's plan.
+
+Rendering only (rich on the console); the numbers come from ``benchmark.tables`` and
+``benchmark.sweep``.  ``console`` is the one console every command prints to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmark.tables import NOTE, TRANSFER_NOTE, cell
+
+console = Console(stderr=False)
+
+TOY_NOTE = ("[bold cyan]Toy world:[/] generated scenes and a small CLIP pre-trained on such scenes (on one "
+            "GPU, shipped with the repository). This is not the paper's data: the numbers show how methods "
+            "behave in the toy world only. Pass --root DATA and --clip WEIGHTS for real results.")
+SYNTHETIC_NOTE = ("[bold yellow]Synthetic world: fake datasets and a tiny CLIP with random "
+                  "weights. These numbers only show that the pipeline runs; they mean nothing "
+                  "about any method.[/] Pass --root DATA and --clip WEIGHTS for real results.")
+
+def print_table(table, title: str) -> None:
+    """One rich table per method, narrow enough for 80 columns (std and the published
+    Base/Novel are in the markdown and CSV files)."""
+    for method, rows in table.groupby("method", sort=False):
+        rich_table = Table(title=f"{title}: {method}")
+        for column in ("Dataset", "Base", "Novel", "HM", "Seeds", "Paper HM", "ΔHM"):
+            rich_table.add_column(column, justify="left" if column == "Dataset" else "right")
+        for r in rows.itertuples(index=False):
+            delta = f"{r.delta_hm:+.2f}" if r.delta_hm == r.delta_hm else "-"
+            rich_table.add_row(r.dataset, cell(r.base), cell(r.novel), cell(r.hm), str(r.seeds),
+                               cell(r.paper_hm), delta)
+        console.print(rich_table)
+    console.print(NOTE, style="dim")
+
+
+PROTOCOL_TITLES = {"base2novel": "Base-to-novel", "cross_dataset": "Cross-dataset",
+                   "domain_generalization": "Domain generalisation", "few_shot": "Few-shot"}
+WORLD_TITLES = {"real": "", "toy": " (toy world)",
+                "synthetic": " (synthetic data, tiny random CLIP: meaningless)"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def sweep_counts(state) -> str:
+    """'3 done, 2 running, 0 failed, 5 skipped' (+ running elsewhere) of a SweepState."""
+    text = f"{state.done} done, {state.running} running, {state.failed} failed, {state.skipped} skipped"
+    return text + (f", {state.elsewhere} elsewhere" if state.elsewhere else "")
+
+
+@contextlib.contextmanager
+def sweep_display(executor: str):
+    """The sweep's progress, as (sweep events, run progress) callbacks for ``run_sweep``: on a
+    terminal a live rich line for the sweep (runs done, running, failed and skipped, elapsed
+    time, time left) and one for the run in progress (steps, then images); plain lines for
+    the sweep otherwise (logs, CI, captured output)."""
+    if not console.is_terminal:
+        def plain(event: str, spec, state) -> None:
+            if event == "start":
+                console.print(f"[{state.started_runs}/{state.todo}] {spec.label}", highlight=False)
+            elif event == "failed":
+                console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
+            elif event == "elsewhere":
+                console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
+
+        yield plain, None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"),
+                   console=console, refresh_per_second=4)
+    task = bar.add_task(executor, total=None, counts="starting", eta="-")
+    # the run in progress (sweeps in this process): training steps, then evaluated images
+    inner = bar.add_task("", total=None, counts="", eta="-", visible=False)
+
+    def run_progress(stage: str, done: int, total: int, text: str) -> None:
+        task_view = bar.tasks[inner]
+        new_stage = task_view.description != stage
+        if new_stage:
+            bar.reset(inner, total=total, description=stage, visible=True)
+        rate = done / task_view.elapsed if task_view.elapsed else 0.0
+        unit = "steps" if stage == "train" else "img"
+        left = (total - done) / rate if rate else None
+        # drawn at once when a stage starts (a short run may end between two refreshes)
+        bar.update(inner, completed=done, total=total, counts=f"{text}, {rate:.1f} {unit}/s", eta=_duration(left),
+                   refresh=new_stage)
+
+    def sweep_events(event: str, spec, state) -> None:
+        bar.update(task, total=max(state.todo, 1), completed=state.settled, counts=sweep_counts(state),
+                   eta=_duration(state.eta()))
+        if event == "start":
+            bar.update(inner, visible=False, description="")
+        if event == "failed":
+            bar.console.print(f"  [red]failed[/]: {spec.label}", highlight=False)
+        elif event == "elsewhere":
+            bar.console.print(f"  running in another sweep: {spec.label}", highlight=False, markup=False)
+
+    with bar:
+        yield sweep_events, run_progress
+
+
+def show_table(protocol: str, table, title: str) -> None:
+    if protocol == "base2novel":
+        print_table(table, title)
+    else:
+        print_accuracy_table(protocol, table, title)
+
+
+def print_accuracy_table(protocol: str, table, title: str) -> None:
+    """One rich table per method: datasets as rows, one column per shot count (and the
+    published number with the difference for a single shot count)."""
+    for method, rows in table.groupby("method", sort=False):
+        shots = sorted(rows["shots"].unique())
+        rich_table = Table(title=f"{title}: {method}")
+        rich_table.add_column("Dataset")
+        for k in shots:
+            rich_table.add_column(f"{k}-shot" if len(shots) > 1 else "Accuracy", justify="right")
+        if len(shots) == 1:
+            for column in ("Seeds", "Paper", "Δ"):
+                rich_table.add_column(column, justify="right")
+        for dataset, group in rows.groupby("dataset", sort=False):
+            cells = group.set_index("shots")
+            values = [cell(cells.loc[k, "accuracy"], cells.loc[k, "std"]) if k in cells.index else "-" for k in shots]
+            if len(shots) == 1:
+                c = cells.iloc[0]
+                values += [str(int(c["seeds"])), cell(c["paper"]),
+                           f"{c['delta']:+.2f}" if c["delta"] == c["delta"] else "-"]
+            rich_table.add_row(dataset, *values)
+        console.print(rich_table)
+    console.print(TRANSFER_NOTE[protocol], style="dim")
+
+
+def show_plan(plan, n_specs: int) -> None:
+    """The dry run: each run with its state, and the estimate of the work still to do
+    (``benchmark.sweep.estimate``)."""
+    table = Table(title=f"Dry run: {n_specs} runs")
+    for column in ("#", "run", "state", "train steps", "eval images"):
+        table.add_column(column, justify="right" if column in ("#", "train steps", "eval images") else "left",
+                         overflow="fold")
+    for i, row in enumerate(plan.rows, 1):
+        table.add_row(str(i), row.label, row.state, str(row.steps) if row.state == "to do" else "-",
+                      str(row.images) if row.state != "done" else "-")
+    console.print(table)
+    minutes = plan.minutes_left
+    text = (f"about {minutes} min of training at the speed of the finished runs" if minutes
+            else "no finished runs to estimate time from")
+    if plan.unknown and minutes:
+        text += f" (no estimate for {', '.join(sorted(plan.unknown))})"
+    counts = plan.counts
+    console.print(f"{counts['done']} done, {counts['partial']} need more evaluations, {counts['to do']} to do: "
+                  f"{plan.steps_left} training steps and {plan.images_left} test images left; {text}. "
+                  f"Nothing was run.")
