@@ -1,6 +1,6 @@
 """Configuration: yacs nodes with the key names of the official trainers' toolbox.
 
-Merge order (later wins), as DESIGN.md states:
+Merge order (later wins; the README's Configuration section):
 
     defaults  <  method YAML (+ its variant for the protocol/dataset)  <  user YAML  <  KEY VALUE opts
 

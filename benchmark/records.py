@@ -152,11 +152,6 @@ def not_applicable(reason: str, n_classes: int) -> NotApplicable:
 
 
 # -- checking ---------------------------------------------------------------------------------
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise RecordError(message)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -165,55 +160,73 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) or value is None
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_evaluation(name: str, value: Any) -> None:
     where = f"metrics[{name!r}]"
-    _check(isinstance(value, dict), f"{where} must be an object, not {type(value).__name__} ({value!r:.60})")
+    if not isinstance(value, dict):
+        raise RecordError(f"{where} must be an object, not {type(value).__name__} ({_shown(value)})")
     if value.get("status") == "not_applicable":
-        _check(isinstance(value.get("reason"), str), f"{where} is not applicable but gives no reason")
+        if not isinstance(value.get("reason"), str):
+            raise RecordError(f"{where} is not applicable but gives no reason")
         return
-    _check("accuracy" in value, f"{where} has no accuracy")
+    if "accuracy" not in value:
+        raise RecordError(f"{where} has no accuracy")
     for key in ("accuracy", "macro_f1", "seconds"):
-        _check(_is_number(value.get(key)), f"{where}.{key} must be a number, not {value.get(key)!r:.40}")
+        if not _is_number(value.get(key)):
+            raise RecordError(f"{where}.{key} must be a number, not {_shown(value.get(key))}")
     for key in ("n_images", "n_correct", "n_classes"):
-        _check(key not in value or _is_int(value[key]), f"{where}.{key} must be an integer, not {value[key]!r:.40}")
+        if key in value and not _is_int(value[key]):
+            raise RecordError(f"{where}.{key} must be an integer, not {_shown(value[key])}")
     accuracy = value["accuracy"]
-    _check(accuracy is None or math.isnan(accuracy) or 0.0 <= accuracy <= 100.0,
-           f"{where}.accuracy is {accuracy}, outside 0..100")
+    if accuracy is not None and not math.isnan(accuracy) and not 0.0 <= accuracy <= 100.0:
+        raise RecordError(f"{where}.accuracy is {accuracy}, outside 0..100")
 
 
 def validate(data: Any) -> Record:
     """``data`` as a record, or ``RecordError`` saying what does not fit the schema."""
-    _check(isinstance(data, dict), f"a record is a JSON object, not {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise RecordError(f"a record is a JSON object, not {type(data).__name__}")
     version = data.get("schema_version", 1)
-    _check(_is_int(version) and 1 <= version <= SCHEMA_VERSION,
-           f"schema_version {version!r} is not one this harness reads (1 to {SCHEMA_VERSION}); "
-           "a newer harness wrote it")
+    if not (_is_int(version) and 1 <= version <= SCHEMA_VERSION):
+        raise RecordError(f"schema_version {_shown(version)} is not one this harness reads (1 to {SCHEMA_VERSION}); "
+                          "a newer harness wrote it")
     status = data.get("status")
-    _check(status in STATUSES, f"status is {status!r}, not one of {', '.join(STATUSES)}")
+    if status not in STATUSES:
+        raise RecordError(f"status is {_shown(status)}, not one of {', '.join(STATUSES)}")
     for key in ("id", "method", "protocol", "dataset"):
-        _check(isinstance(data.get(key), str) and data[key] != "", f"{key} must be a non-empty string, "
-                                                                     f"not {data.get(key)!r:.40}")
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise RecordError(f"{key} must be a non-empty string, not {_shown(data.get(key))}")
     for key in ("shots", "seed"):
-        _check(_is_int(data.get(key)), f"{key} must be an integer, not {data.get(key)!r:.40}")
-    _check(isinstance(data.get("config", {}), dict), "config must be an object")
+        if not _is_int(data.get(key)):
+            raise RecordError(f"{key} must be an integer, not {_shown(data.get(key))}")
+    if not isinstance(data.get("config", {}), dict):
+        raise RecordError("config must be an object")
     if status == "failed":
-        _check(isinstance(data.get("error", ""), str), "error must be a string")
-        _check(isinstance(data.get("details", {}), dict), "details must be an object")
+        if not isinstance(data.get("error", ""), str):
+            raise RecordError("error must be a string")
+        if not isinstance(data.get("details", {}), dict):
+            raise RecordError("details must be an object")
         return data  # type: ignore[return-value]
     metrics = data.get("metrics")
-    _check(isinstance(metrics, dict), f"metrics must be an object of evaluations, not {metrics!r:.40}")
+    if not isinstance(metrics, dict):
+        raise RecordError(f"metrics must be an object of evaluations, not {_shown(metrics)}")
     for name, value in metrics.items():
         _check_evaluation(name, value)
     evals = data.get("evals", [])
-    _check(isinstance(evals, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
-                                           and isinstance(e.get("dataset"), str) for e in evals),
-           "evals must be a list of {name, dataset, subsample} objects")
+    if not (isinstance(evals, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                            and isinstance(e.get("dataset"), str) for e in evals)):
+        raise RecordError("evals must be a list of {name, dataset, subsample} objects")
     for key in ("train", "compute", "timings"):
-        _check(isinstance(data.get(key, {}), dict), f"{key} must be an object, not {data.get(key)!r:.40}")
-    train = data.get("train", {})
-    _check("steps" not in train or _is_int(train["steps"]), "train.steps must be an integer")
-    timings = data.get("timings", {})
-    _check(_is_number(timings.get("train_s", 0.0)), "timings.train_s must be a number")
+        if not isinstance(data.get(key, {}), dict):
+            raise RecordError(f"{key} must be an object, not {_shown(data.get(key))}")
+    if "steps" in data.get("train", {}) and not _is_int(data["train"]["steps"]):
+        raise RecordError("train.steps must be an integer")
+    if not _is_number(data.get("timings", {}).get("train_s", 0.0)):
+        raise RecordError("timings.train_s must be a number")
     return data  # type: ignore[return-value]
 
 

@@ -1,15 +1,15 @@
 """One run: data, model, optimiser, epochs, evaluation -> a record.
 
-Reproduces the reference toolbox's training semantics (see DATA_LAYOUT in the project
-docs): seeding of ``random``, numpy and torch in that order before the data is built;
+Reproduces the reference toolbox's training semantics (the README's "Training semantics
+reproduced"): seeding of ``random``, numpy and torch in that order before the data is built;
 few-shot sampling from the dataset code; a RandomSampler loader that drops the last
 incomplete batch when there is at least one full batch; SGD (or Adam) over the method's
 trainable parameters; a learning rate that changes once per epoch, after the epoch's
 last step (cosine with the constant/linear warm-up wrappers); the last-epoch model is
-evaluated (``TEST.FINAL_MODEL = last_step``).  Precision follows the method's ``PREC``:
-fp32, fp16 (CLIP and the learned weights in half precision), amp (fp32 weights,
-autocast + GradScaler for training, evaluation in fp32) or bf16 (autocast); on a CPU
-every mode falls back to fp32.
+evaluated (``TEST.FINAL_MODEL = last_step``).  Precision follows the method's ``PREC``
+(``benchmark.precision``).  The model of a run comes from ``benchmark.models``, its
+batches from ``benchmark.loaders`` (where each evaluation's data path is decided once),
+its record from ``benchmark.records``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ BUILTIN_MODULES = ("methods.zsclip", "methods.coop", "methods.cocoop", "methods.
                    "methods.linear_probe", "methods.tip_adapter", "methods.kgcoop", "methods.clip_adapter",
                    "methods.promptsrc")
 ENTRY_POINT_GROUP = "clip_fewshot_benchmark.methods"
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
 
 class MethodError(ValueError):
@@ -68,6 +67,9 @@ class MethodInfo:
     version: int = 1  # bump whenever a change moves numbers; stored in every record
     config_file: Path | None = None
     extra: dict = field(default_factory=dict)
+    # options added after records existed, with the value that gives the earlier computation:
+    # at that value they are left out of a run's identity, so earlier records stay finished
+    neutral: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -76,8 +78,10 @@ _LOADED = False
 
 def register_method(name: str, *, node: str | None = None, defaults: dict | None = None,
                     paper: str = "", paper_name: str = "", code: str = "",
-                    version: int = 1) -> Callable[[type], type]:
-    """Class decorator adding a method to the registry under ``name``."""
+                    version: int = 1, neutral: dict | None = None) -> Callable[[type], type]:
+    """Class decorator adding a method to the registry under ``name``.  ``neutral``: options
+    (keys of ``defaults``) added later, with the value that reproduces the computation of
+    records made before them; at that value they do not enter a run's identity."""
 
     def decorate(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
@@ -88,7 +92,7 @@ def register_method(name: str, *, node: str | None = None, defaults: dict | None
         _REGISTRY[name] = MethodInfo(
             name=name, cls=cls, node=node or name.upper(), defaults=dict(defaults or {}),
             paper=paper, paper_name=paper_name or name, code=code, version=version,
-            config_file=own_yaml if own_yaml.is_file() else None)
+            config_file=own_yaml if own_yaml.is_file() else None, neutral=dict(neutral or {}))
         cls.registry_name = name
         cls.node = node or name.upper()
         return cls

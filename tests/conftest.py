@@ -23,6 +23,17 @@ def tiny_clip(_tiny_clip_master):
     return copy.deepcopy(_tiny_clip_master)
 
 
+@pytest.fixture
+def wide_console():
+    """Tables in one line per row, as on a wide terminal (the command line's console)."""
+    from benchmark.display import console
+
+    width = console.width
+    console.width = 400
+    yield
+    console.width = width
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     from datasets.synthetic import write_synthetic_root

@@ -25,14 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 SWEEP = ("--methods", "zsclip", "--datasets", "eurosat", "--seeds", "1")
 
 
-@pytest.fixture(autouse=True)
-def wide_console():
-    from benchmark import cli
-
-    width = cli.console.width
-    cli.console.width = 400
-    yield
-    cli.console.width = width
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
@@ -320,3 +313,46 @@ def test_records_checkpoints_and_caches_are_readable_by_the_group(eurosat_root, 
     for path in written:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & FILE_MODE & 0o044 == FILE_MODE & 0o044, f"{path}: {oct(mode)}"
+
+
+def test_a_record_from_before_the_schema_version_still_counts(eurosat_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ("--root", str(eurosat_root), *SWEEP, "--output", str(out))
+    assert _cli(capsys, *args)[0] == 0
+    (path,) = (out / "records").rglob("*.json")
+    old = json.loads(path.read_text())
+    del old["schema_version"]  # as the harness wrote records before the schema had a version
+    path.write_text(json.dumps(old))
+    code, text = _cli(capsys, *args)
+    assert code == 0 and "0 done, 1 already finished" in text and "damaged" not in text
+    assert json.loads(path.read_text()) == old  # neither moved nor rewritten
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"status": "done"}, "status"),
+    ({"shots": "16"}, "shots"),
+    ({"seed": None}, "seed"),
+    ({"method": ""}, "method"),
+    ({"metrics": []}, "metrics"),
+    ({"metrics": {"base": {"n_images": 3}}}, "no accuracy"),
+    ({"metrics": {"base": {"accuracy": "92.5"}}}, "accuracy"),
+    ({"metrics": {"base": {"accuracy": 192.5}}}, "outside 0..100"),
+    ({"metrics": {"base": {"accuracy": 50.0, "n_images": 2.5}}}, "n_images"),
+    ({"metrics": {"base": {"status": "not_applicable"}}}, "reason"),
+    ({"evals": "base"}, "evals"),
+    ({"train": []}, "train"),
+    ({"train": {"steps": "ten"}}, "train.steps"),
+    ({"timings": {"train_s": "fast"}}, "train_s"),
+    ({"schema_version": 99}, "newer harness"),
+])
+def test_the_record_schema_names_what_does_not_fit(change, reason):
+    from benchmark import records
+
+    good = {"schema_version": records.SCHEMA_VERSION, "id": "abc", "status": "ok", "method": "zsclip",
+            "protocol": "base2novel", "dataset": "eurosat", "shots": 16, "seed": 1, "config": {},
+            "evals": [{"name": "base", "dataset": "eurosat", "subsample": "base"}],
+            "metrics": {"base": {"accuracy": 50.0, "n_images": 2}}, "train": {"steps": 3},
+            "timings": {"train_s": 1.0}}
+    assert records.validate(good) is good
+    with pytest.raises(records.RecordError, match=reason):
+        records.validate({**good, **change})

@@ -18,15 +18,7 @@ from benchmark.cli import build_parser, main
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def wide_console():
-    """Tables in one line per row, as on a wide terminal."""
-    from benchmark import cli
-
-    width = cli.console.width
-    cli.console.width = 400
-    yield
-    cli.console.width = width
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
