@@ -28,6 +28,7 @@ from benchmark.display import (
     TOY_NOTE,
     WORLD_TITLES,
     console,
+    show_extras,
     show_plan,
     show_table,
     sweep_display,
@@ -36,6 +37,9 @@ from datasets.base import DatasetError
 from datasets.worlds import WORLD_BACKBONES, WORLDS, default_world, prepare_world, world_of
 
 DEFAULT_OUTPUT = "results/runs"
+REFERENCE_HELP = ("show each row's difference to a reference with a paired-bootstrap 95%% interval: a grid point "
+                  "for ablation tables (--reference TRAINER.MMADAPTER.ADAPTER_START=5), a method otherwise "
+                  "(--reference zsclip)")
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config overrides, e.g. --opts OPTIM.MAX_EPOCH 2 DATALOADER.NUM_WORKERS 0")
     run.add_argument("--plugin", action="append", default=[],
                      help="import this module first (registers methods from outside the repository)")
+    run.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="repeatable: run every combination of these config values (an ablation; one table row "
+                          "each), e.g. --grid TRAINER.MMADAPTER.ADAPTER_START=3,5,7,9")
+    run.add_argument("--reference", default=None, help=REFERENCE_HELP)
     run.add_argument("--force", action="store_true", help="re-run runs whose record already exists")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show every epoch's loss and every accuracy on the console (they are always in "
@@ -147,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what to print (markdown and CSV files are always written under OUTPUT/tables)")
     table.add_argument("--compute", action="store_true",
                        help="also show trainable parameters, peak memory, wall time and device per run group")
+    table.add_argument("--reference", default=None, help=REFERENCE_HELP)
 
     lister = sub.add_parser("list", help="list methods (paper, configs), datasets (present under --root?), "
                                          "protocols and backbones",
@@ -208,6 +217,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
     bench.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                        help="config overrides for every measurement, e.g. --opts DATALOADER.NUM_WORKERS 8")
+
+    analyze = sub.add_parser(
+        "analyze", help="analyses that are not sweeps: dataset-level, the MMA paper's layer-by-layer "
+                        "dataset recognition (its Figure 1)",
+        description="dataset-level: how well CLIP's text and image features at each layer (X_Embed, every "
+                    "block, X_Proj) tell the datasets apart, by a linear classifier per layer; mean and std over "
+                    "seeds. Writes OUTPUT/analysis/dataset_level.csv, .md and .png (README: Dataset-level analysis).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  python run.py analyze dataset-level            # the toy world and its CLIP\n"
+               "  python run.py analyze dataset-level --root DATA --clip ViT-B/16 --clip ViT-L/14 --device cuda")
+    analyze.add_argument("analysis", choices=("dataset-level",), help="the analysis to run")
+    analyze.add_argument("--root", default=None, help="folder holding the datasets (default: the built-in world)")
+    analyze.add_argument("--world", choices=WORLDS, default=default_world(),
+                         help="without --root: toy (default when its CLIP is shipped) or synthetic")
+    analyze.add_argument("--clip", action="append", default=None,
+                         help="a backbone, repeatable for one panel each, e.g. --clip ViT-B/16 --clip ViT-L/14 "
+                              "(default: the world's own CLIP; ViT-B/16 for real data)")
+    analyze.add_argument("--datasets", type=_csv, default=None,
+                         help="comma-separated datasets (default: the 11 of base-to-novel)")
+    analyze.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
+    analyze.add_argument("--samples-per-dataset", type=int, default=None,
+                         help="training images drawn per dataset and seed, half to train the classifier, half "
+                              "to test it (default 80)")
+    analyze.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
+    analyze.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     return parser
 
 
@@ -245,6 +279,7 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark import backbone as B
+    from benchmark import grid as G
     from benchmark import protocols, tables
     from benchmark.sweep import run_sweep
     from benchmark.check import check_sweep_data
@@ -253,10 +288,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from methods.registry import get_method, load_plugins
 
     _setup_logging(args.verbose, args.quiet)
-    from benchmark.executors import ExecutorUnavailable
+    from benchmark.executors import ExecutorUnavailable, options_from_args
 
     try:
-        executor_options = _executor_options(args)  # a missing extra or a misplaced option fails first
+        executor_options = options_from_args(args)  # a missing extra or a misplaced option fails first
     except ExecutorUnavailable as exc:  # its install command holds brackets: no markup
         console.print(f"Error: {exc}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         return 2
@@ -271,6 +306,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.executor == "local":  # elsewhere (Ray, SLURM) the devices are the workers'
         B.resolve_device(args.device)
     check_writable(args.output)
+    grid = G.parse_grid(args.grid)  # unknown keys, wrong types: refused before anything runs
+    G.check_grid(grid, args.methods, args.opts)
+    G.parse_reference(args.reference, grid.keys)
     opts = list(args.opts)
     if args.root is None:
         world = args.world
@@ -288,15 +326,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     backbone = args.clip or WORLD_BACKBONES.get(world, B.DEFAULT_BACKBONE)
     backbone_id = B.backbone_fingerprint(backbone)
     B.clip_copy(backbone)  # a file that is not CLIP weights fails here, once, not in every run
-    specs = protocols.expand(args.protocol, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
-                             shots=args.shots, root=str(root), backbone=backbone,
-                             backbone_id=backbone_id, user_yaml=args.config_file, opts=opts)
+    specs = G.expand_grid(grid, args.protocol, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
+                          shots=args.shots, root=str(root), backbone=backbone,
+                          backbone_id=backbone_id, user_yaml=args.config_file, opts=opts)
     if args.root is not None:
         check_sweep_data(specs, root)
     if args.dry_run:
         from benchmark.sweep import estimate
 
-        show_plan(estimate(specs, args.output), len(specs))
+        show_plan(estimate(specs, args.output), len(specs), grid)
         return 0
 
     from benchmark.executors import get_executor
@@ -321,40 +359,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     built = tables.build_tables(args.output, chosen, run_ids={spec.run_id for spec in specs})
     for (protocol, world), table in built.shown.items():
         show_table(protocol, table, PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, ""))
+    extra = show_extras(args.output, chosen, args.reference, {spec.run_id for spec in specs})
     if built.damaged:
         console.print(built.skipped_note, style="yellow", soft_wrap=True, highlight=False, markup=False)
-    console.print("Tables: " + ", ".join(str(p) for p in built.paths), soft_wrap=True)
+    console.print("Tables: " + ", ".join(str(p) for p in built.paths + extra), soft_wrap=True)
     return 1 if summary.failed else 0
-
-
-def _executor_options(args: argparse.Namespace) -> dict:
-    """The chosen executor's options from the run command's; options of another executor
-    and a missing optional package (Ray, submitit) are errors before any work."""
-    from benchmark.executors import check_options
-
-    given = {"--gpus": args.gpus is not None, "--workers": args.workers != 1,
-             "--ray-address": args.ray_address is not None,
-             **{f"--slurm-{name.replace('_', '-')}": getattr(args, f"slurm_{name}") is not None
-                for name in ("partition", "time", "gpus", "cpus", "mem", "array_parallelism", "config", "cluster")}}
-    owner = {"local": ("--gpus", "--workers"), "ray": ("--ray-address",)}
-    for option, present in given.items():
-        belongs = next((name for name, options in owner.items() if option in options), "slurm")
-        if present and belongs != args.executor:
-            raise ValueError(f"{option} is an option of --executor {belongs}, but the executor is {args.executor}. "
-                             f"Add --executor {belongs} or leave {option} out.")
-    if args.stale_lock_minutes <= 0:
-        raise ValueError(f"--stale-lock-minutes must be positive; got {args.stale_lock_minutes}.")
-    options = {"device": args.device, "max_retries": args.max_retries}
-    if args.executor == "local":
-        options.update(gpus=args.gpus, workers=args.workers)
-    elif args.executor == "ray":
-        options.update(address=args.ray_address)
-    else:
-        options.update(output=args.output, cluster=args.slurm_cluster or "slurm", partition=args.slurm_partition,
-                       time=args.slurm_time, gpus=args.slurm_gpus, cpus=args.slurm_cpus, mem=args.slurm_mem,
-                       array_parallelism=args.slurm_array_parallelism, config=args.slurm_config)
-    check_options(args.executor, **options)
-    return options
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -364,7 +373,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     built = tables.build_tables(args.output, chosen)
     if built.damaged:
         console.print(built.skipped_note, style="yellow", soft_wrap=True, highlight=False, markup=False)
-    if not built.shown:
+    if not built.shown and not any(r.get("grid") for r in store.iter_records(args.output)):
         console.print(f"No finished {args.protocol} runs under {args.output}/records.")
         return 1
     for (protocol, world), table in built.shown.items():
@@ -385,48 +394,15 @@ def cmd_table(args: argparse.Namespace) -> int:
             print(compute.to_csv(index=False, float_format="%.2f"), end="")
         else:
             console.print(compute.to_markdown(index=False, floatfmt=".1f"))
-    console.print("Files: " + ", ".join(str(p) for p in built.paths), soft_wrap=True)
+    extra = show_extras(args.output, chosen, args.reference)  # ablation tables; differences to --reference
+    console.print("Files: " + ", ".join(str(p) for p in built.paths + extra), soft_wrap=True)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from benchmark.backbone import list_backbones
-    from benchmark.protocols import PROTOCOLS
-    from datasets.catalog import CATALOG, check_dataset, list_datasets
-    from methods.registry import get_method, list_methods, load_plugins
+    from benchmark.display import show_listing
 
-    load_plugins(args.plugin)
-    table = Table(title="Methods (--methods)")
-    for column in ("name", "paper", "tables as", "configs"):
-        table.add_column(column, overflow="fold")
-    for name in list_methods():
-        info = get_method(name)
-        configs = "-"
-        if info.config_file:
-            import yaml
-
-            variants = (yaml.safe_load(info.config_file.read_text()) or {}).get("VARIANTS", {}) or {}
-            configs = info.config_file.name + (f" (+ {', '.join(variants)})" if variants else "")
-        table.add_row(name, info.paper or "-", info.paper_name, configs)
-    console.print(table)
-    table = Table(title="Datasets (--datasets)" + (f" under {args.root}" if args.root else ""))
-    for column in ("name", "folder", "classes") + (("present",) if args.root else ()):
-        table.add_column(column)
-    for name in list_datasets():
-        spec = CATALOG[name]
-        row = [name, spec.folder, str(spec.classes or "-")]
-        if args.root:
-            problems = check_dataset(name, args.root)
-            missing = problems and problems[0].startswith("missing dataset folder")
-            row.append("[green]yes[/]" if not problems else "[red]no[/]" if missing else "[yellow]partial[/]")
-        table.add_row(*row)
-    console.print(table)
-    console.print("Protocols (--protocol): " + ", ".join(PROTOCOLS) + ", all")
-    backbones = list_backbones()
-    console.print("Backbones (--clip): a weights file, " + ", ".join(backbones["openai"]) + " (OpenAI names), "
-                  "an open_clip name:tag, or a test model: " + ", ".join(backbones["tiny"]), soft_wrap=True)
-    if args.root:
-        console.print(f"Details and fixes: python run.py check --root {args.root}", soft_wrap=True)
+    show_listing(args.root, args.plugin)
     return 0
 
 
@@ -470,6 +446,16 @@ def cmd_new_method(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from benchmark.analysis.dataset_level import analysis_settings, run_dataset_level
+
+    settings = analysis_settings(args, announce=lambda text: console.print(text, soft_wrap=True, markup=False))
+    result = run_dataset_level(settings, announce=lambda text: console.print(text, soft_wrap=True, markup=False))
+    console.print(result.paths[1].read_text(), soft_wrap=True, highlight=False, markup=False)
+    console.print("Files: " + ", ".join(str(p) for p in result.paths), soft_wrap=True, markup=False)
+    return 0
+
+
 def escape_markup(text: str) -> str:
     from rich.markup import escape
 
@@ -496,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _interrupt_on_sigterm()
     commands = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "bench": cmd_bench, "check": cmd_check,
-                "new-method": cmd_new_method}
+                "new-method": cmd_new_method, "analyze": cmd_analyze}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

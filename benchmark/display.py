@@ -140,10 +140,14 @@ def print_accuracy_table(protocol: str, table, title: str) -> None:
     console.print(TRANSFER_NOTE[protocol], style="dim")
 
 
-def show_plan(plan, n_specs: int) -> None:
-    """The dry run: each run with its state, and the estimate of the work still to do
-    (``benchmark.sweep.estimate``)."""
+def show_plan(plan, n_specs: int, grid=None) -> None:
+    """The dry run: each run with its state (and grid point), and the estimate of the work
+    still to do (``benchmark.sweep.estimate``)."""
     table = Table(title=f"Dry run: {n_specs} runs")
+    if grid is not None and grid.axes:
+        axes = " x ".join(f"{key} ({', '.join(values)})" for key, values in grid.axes)
+        console.print(f"Grid: {grid.size} points = {axes}; a point with the values a run has anyway is that "
+                      "run (done once).", soft_wrap=True, highlight=False, markup=False)
     for column in ("#", "run", "state", "train steps", "eval images"):
         table.add_column(column, justify="right" if column in ("#", "train steps", "eval images") else "left",
                          overflow="fold")
@@ -160,3 +164,83 @@ def show_plan(plan, n_specs: int) -> None:
     console.print(f"{counts['done']} done, {counts['partial']} need more evaluations, {counts['to do']} to do: "
                   f"{plan.steps_left} training steps and {plan.images_left} test images left; {text}. "
                   f"Nothing was run.")
+
+
+def print_frame(frame, title: str, note: str = "") -> None:
+    """A table of strings (ablation and comparison tables) on the console, with its note."""
+    rich_table = Table(title=title)
+    for i, column in enumerate(frame.columns):
+        rich_table.add_column(str(column), justify="left" if i == 0 else "right", overflow="fold")
+    for row in frame.itertuples(index=False):
+        rich_table.add_row(*(str(v) for v in row))
+    console.print(rich_table)
+    if note:
+        console.print(note, style="dim", soft_wrap=True, highlight=False, markup=False)
+
+
+def show_extras(output, protocols, reference: str | None = None, run_ids=None) -> list:
+    """Build and show the ablation tables of grid runs (``benchmark.ablations``) and, with a
+    reference method, the other methods' differences to it (``benchmark.comparisons``);
+    returns the files written."""
+    from benchmark import ablations, comparisons
+    from benchmark import grid as G
+
+    keys = ablations.grid_keys(output)
+    ref = G.parse_reference(reference, keys)
+    found, paths = ablations.build_ablations(output, protocols, ref, run_ids)
+    for ablation in found:
+        title = f"Ablation: {PROTOCOL_TITLES[ablation.protocol]}{WORLD_TITLES.get(ablation.world, '')}"
+        print_frame(ablation.shown, title, " ".join(ablations.all_notes(ablation)))
+    if ref is not None and ref.method:
+        shown, written = comparisons.build_comparisons(output, protocols, ref.method, run_ids)
+        paths += written
+        for name, frame, note in shown:
+            print_frame(frame, f"Against {ref.method}: {name}", note)
+        if not written:
+            console.print(f"No runs to compare with the reference {ref.method}: it needs runs of the same "
+                          "protocol, datasets, shots and seeds.", soft_wrap=True, markup=False)
+    elif ref is not None and not found:
+        console.print(f"--reference {reference}: no ablation table (runs of a --grid sweep) to compare in.",
+                      soft_wrap=True, markup=False)
+    return paths
+
+
+def show_listing(root=None, plugins=()) -> None:
+    """`list`: methods (paper, configs), datasets (present under ``root``?), protocols, backbones."""
+    from benchmark.backbone import list_backbones
+    from benchmark.protocols import PROTOCOLS
+    from datasets.catalog import CATALOG, check_dataset, list_datasets
+    from methods.registry import get_method, list_methods, load_plugins
+
+    load_plugins(list(plugins))
+    table = Table(title="Methods (--methods)")
+    for column in ("name", "paper", "tables as", "configs"):
+        table.add_column(column, overflow="fold")
+    for name in list_methods():
+        info = get_method(name)
+        configs = "-"
+        if info.config_file:
+            import yaml
+
+            variants = (yaml.safe_load(info.config_file.read_text()) or {}).get("VARIANTS", {}) or {}
+            configs = info.config_file.name + (f" (+ {', '.join(variants)})" if variants else "")
+        table.add_row(name, info.paper or "-", info.paper_name, configs)
+    console.print(table)
+    table = Table(title="Datasets (--datasets)" + (f" under {root}" if root else ""))
+    for column in ("name", "folder", "classes") + (("present",) if root else ()):
+        table.add_column(column)
+    for name in list_datasets():
+        spec = CATALOG[name]
+        row = [name, spec.folder, str(spec.classes or "-")]
+        if root:
+            problems = check_dataset(name, root)
+            missing = problems and problems[0].startswith("missing dataset folder")
+            row.append("[green]yes[/]" if not problems else "[red]no[/]" if missing else "[yellow]partial[/]")
+        table.add_row(*row)
+    console.print(table)
+    console.print("Protocols (--protocol): " + ", ".join(PROTOCOLS) + ", all")
+    backbones = list_backbones()
+    console.print("Backbones (--clip): a weights file, " + ", ".join(backbones["openai"]) + " (OpenAI names), "
+                  "an open_clip name:tag, or a test model: " + ", ".join(backbones["tiny"]), soft_wrap=True)
+    if root:
+        console.print(f"Details and fixes: python run.py check --root {root}", soft_wrap=True)

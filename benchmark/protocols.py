@@ -75,6 +75,11 @@ class RunSpec:
     backbone_id: str
     evals: tuple[EvalSpec, ...]
     config: dict = field(repr=False)  # resolved config (plain dict)
+    # --grid sweeps (benchmark.grid): the run's grid point (config key -> value, already in
+    # ``config``) and whether it is the run the command gives without the grid.  Neither is
+    # part of the identity: the config is.
+    grid: dict = field(default_factory=dict)
+    grid_plain: bool = False
 
     @property
     def method_version(self) -> int:
@@ -86,7 +91,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.method}/{self.protocol}/{self.dataset}/shots{self.shots}/seed{self.seed}"
+        point = " [" + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.grid.items()) + "]" if self.grid else ""
+        return f"{self.method}/{self.protocol}/{self.dataset}/shots{self.shots}/seed{self.seed}{point}"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -102,23 +108,40 @@ def _strip(config: dict, dotted: str) -> None:
     node.pop(last, None)
 
 
+def changes_numbers(key: str) -> bool:
+    """Whether a config key can change a run's numbers (is part of its identity)."""
+    return not any(key == k or key.startswith(k + ".") for k in _NOT_IDENTITY)
+
+
+def identity_config(config: dict, method: str, drop: Sequence[str] = ()) -> dict:
+    """The part of a resolved config that enters a run's identity: without the keys that
+    change no number, other methods' options, and options added later at the value that
+    gives the earlier computation (``register_method(neutral=...)``); ``drop``: more keys to leave out."""
+    config = json.loads(json.dumps(config))
+    for key in (*_NOT_IDENTITY, *drop):
+        _strip(config, key)
+    # only the run's own method options: registering another method (a plugin, a new file
+    # in methods/) adds its defaults to every config but changes no run's numbers
+    info = get_method(method)
+    config["TRAINER"] = {k: v for k, v in config.get("TRAINER", {}).items() if k in ("NAME", info.node)}
+    options = config["TRAINER"].get(info.node, {})
+    for key, value in info.neutral.items():  # options added later, at the value of the earlier records
+        if key in options and options[key] == value:
+            del options[key]
+    return config
+
+
 def run_identity(spec: RunSpec) -> str:
     """A short hash of everything that can change the numbers of a run.
 
     The transfer run's evaluation targets are not part of it: they only add evaluations
     of the same trained weights; nor are other methods' options or the fast paths."""
-    config = json.loads(json.dumps(spec.config))
-    for key in _NOT_IDENTITY:
-        _strip(config, key)
-    # only the run's own method options: registering another method (a plugin, a new file
-    # in methods/) adds its defaults to every config but changes no run's numbers
-    own = get_method(spec.method).node
-    config["TRAINER"] = {k: v for k, v in config.get("TRAINER", {}).items() if k in ("NAME", own)}
     payload = {
         "method": spec.method, "method_version": spec.method_version, "protocol": spec.protocol,
         "stage": spec.stage, "dataset": spec.dataset, "seed": spec.seed, "shots": spec.shots,
         "subsample": spec.subsample, "backbone_id": spec.backbone_id,
-        "evals": [] if spec.protocol == TRANSFER else [asdict(e) for e in spec.evals], "config": config,
+        "evals": [] if spec.protocol == TRANSFER else [asdict(e) for e in spec.evals],
+        "config": identity_config(spec.config, spec.method),
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -6,7 +6,8 @@ There are two kinds, told apart by ``status``:
 - ``FinishedRecord`` (``"ok"``): the run's identity, resolved config, one entry per
   evaluation in ``metrics`` (an ``Evaluation``: accuracy, macro-F1, images; or a
   ``NotApplicable`` with the reason), what training did (``TrainInfo``), the compute it
-  used, timings, software versions and the code revision;
+  used, timings, software versions and the code revision, and where its per-image
+  predictions are (``predictions``, ``benchmark.predictions``);
 - ``FailedRecord`` (``"failed"``): the identity, the error, its traceback and the
   details a run gave (what failed, where).
 
@@ -14,14 +15,19 @@ There are two kinds, told apart by ``status``:
 says what is wrong with one that does not fit (a record edited or cut by hand), so that
 a damaged record is reported and set aside instead of stopping a sweep or a table.
 Records written before ``SCHEMA_VERSION`` existed (version 1) have the same fields and
-load as they are.  Readers use the accessors below (``applicable_metrics``,
+load as they are.  A run of a ``--grid`` sweep also holds its grid point (``grid``: config
+key -> value) and whether that point is the run without the grid (``grid_plain``); both
+are optional, and so is ``predictions``: records made before them load unchanged.  Readers use the accessors below (``applicable_metrics``,
 ``missing_evals``, ``seconds_per_step``) rather than the keys.
 """
 
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
 import time
+from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence, TypedDict, Union
 
 SCHEMA_VERSION = 2
@@ -90,6 +96,9 @@ class FinishedRecord(TypedDict, total=False):
     code_revision: str
     checkpoint: str
     resumed_from_checkpoint: bool
+    predictions: str  # per-image predictions file, relative to the output folder
+    grid: dict  # --grid sweeps: the run's grid point, config key -> value
+    grid_plain: bool  # the grid point is the run the same command gives without --grid
 
 
 class FailedRecord(TypedDict, total=False):
@@ -108,6 +117,8 @@ class FailedRecord(TypedDict, total=False):
     details: dict  # e.g. {"kind": "out_of_memory", "stage": "training", ...}
     config: dict
     finished: float
+    grid: dict
+    grid_plain: bool
 
 
 Record = Union[FinishedRecord, FailedRecord]
@@ -115,14 +126,17 @@ Record = Union[FinishedRecord, FailedRecord]
 
 # -- building ---------------------------------------------------------------------------------
 def _identity(spec) -> dict:
-    return {"id": spec.run_id, "method": spec.method, "protocol": spec.protocol, "stage": spec.stage,
-            "dataset": spec.dataset, "shots": spec.shots, "seed": spec.seed, "backbone": spec.backbone}
+    identity = {"id": spec.run_id, "method": spec.method, "protocol": spec.protocol, "stage": spec.stage,
+                "dataset": spec.dataset, "shots": spec.shots, "seed": spec.seed, "backbone": spec.backbone}
+    if getattr(spec, "grid", None):
+        identity.update(grid=dict(spec.grid), grid_plain=bool(spec.grid_plain))
+    return identity
 
 
 def finished(spec, *, method_version: int, world: str, evals: Sequence[dict], metrics: dict,
              train: TrainInfo, compute: dict, timings: dict, effective_input_size: Sequence[int],
              software: dict, code_revision: str, checkpoint: str | None = None,
-             resumed_from_checkpoint: bool = False) -> FinishedRecord:
+             resumed_from_checkpoint: bool = False, predictions: str | None = None) -> FinishedRecord:
     """The record of a run that ended normally (``spec``: a ``protocols.RunSpec``)."""
     record: FinishedRecord = {
         "schema_version": SCHEMA_VERSION, **_identity(spec), "status": "ok", "method_version": method_version,
@@ -135,6 +149,8 @@ def finished(spec, *, method_version: int, world: str, evals: Sequence[dict], me
         record["checkpoint"] = str(checkpoint)
     if resumed_from_checkpoint:
         record["resumed_from_checkpoint"] = True
+    if predictions is not None:
+        record["predictions"] = str(predictions)
     return validate(record)
 
 
@@ -205,6 +221,12 @@ def validate(data: Any) -> Record:
             raise RecordError(f"{key} must be an integer, not {_shown(data.get(key))}")
     if not isinstance(data.get("config", {}), dict):
         raise RecordError("config must be an object")
+    grid = data.get("grid", {})
+    if not (isinstance(grid, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                                           for k, v in grid.items())):
+        raise RecordError(f"grid must be an object of config keys and plain values, not {_shown(grid)}")
+    if not isinstance(data.get("grid_plain", False), bool):
+        raise RecordError(f"grid_plain must be true or false, not {_shown(data.get('grid_plain'))}")
     if status == "failed":
         if not isinstance(data.get("error", ""), str):
             raise RecordError("error must be a string")
@@ -227,6 +249,8 @@ def validate(data: Any) -> Record:
         raise RecordError("train.steps must be an integer")
     if not _is_number(data.get("timings", {}).get("train_s", 0.0)):
         raise RecordError("timings.train_s must be a number")
+    if "predictions" in data and not (isinstance(data["predictions"], str) and data["predictions"]):
+        raise RecordError(f"predictions must name a file, not {_shown(data['predictions'])}")
     return data  # type: ignore[return-value]
 
 
@@ -262,3 +286,35 @@ def merge_evals(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
     """Evaluation entries of a resumed record: the earlier ones, then the new ones."""
     names = {e["name"] for e in new}
     return [e for e in old if e["name"] not in names] + list(new)
+
+
+def in_plain_tables(record: Record) -> bool:
+    """Whether a record belongs in the ordinary tables: every run except the grid points of a
+    ``--grid`` sweep that differ from the run without the grid (those go to the ablation tables)."""
+    return not record.get("grid") or bool(record.get("grid_plain"))
+
+
+# -- provenance -------------------------------------------------------------------------------
+def software_versions() -> dict:
+    import numpy as np
+    import open_clip
+    import torch
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
+            "numpy": np.__version__}
+
+
+def code_revision() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

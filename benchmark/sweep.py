@@ -143,7 +143,8 @@ def run_one(spec: dict, output: str, options: RunOptions, progress: Progress | N
         try:
             record = execute(run, device=options.device, previous=previous,
                              checkpoint=store.checkpoint_path(output, run),
-                             save_checkpoint=options.save_checkpoints or run.protocol == TRANSFER, progress=progress)
+                             save_checkpoint=options.save_checkpoints or run.protocol == TRANSFER, progress=progress,
+                             output=output)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one broken run must not stop the sweep

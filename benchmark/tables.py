@@ -300,8 +300,9 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
 
     scan = store.scan_records(output)
     result = TableSet(damaged=scan.damaged)
-    frame = records_frame(scan.records)
-    chosen = frame if run_ids is None else records_frame(r for r in scan.records if r["id"] in run_ids)
+    plain = [r for r in scan.records if R.in_plain_tables(r)]  # grid points: benchmark.ablations
+    frame = records_frame(plain)
+    chosen = frame if run_ids is None else records_frame(r for r in plain if r["id"] in run_ids)
     for protocol in protocols:
         paper = load_paper(protocol)
         for world in frame["world"].unique():
@@ -338,7 +339,7 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
 def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_shot") -> list[Path]:
     """One PNG per dataset (and the average): accuracy against shots, one line per method,
     the published curve dashed in the same colour where there is one."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -360,11 +361,11 @@ def few_shot_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "few_sh
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out_dir, f"{name}-{dataset}.png"))
+        paths.append(save_figure(fig, out_dir, f"{name}-{dataset}.png"))
     return paths
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -373,13 +374,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out_dir: str | Path, filename: str) -> Path:
+def save_figure(fig, out_dir: str | Path, filename: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     path = out_dir / filename
     fig.savefig(path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -388,7 +389,7 @@ def base2novel_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "base
     method, the published HM as a black tick above each bar where there is one."""
     if table.empty or table[["base", "novel"]].isna().all().all():
         return []
-    plt = _pyplot()
+    plt = pyplot()
     datasets = list(dict.fromkeys(table["dataset"]))
     methods = list(dict.fromkeys(table["method"]))
     width = 0.8 / len(methods)
@@ -408,7 +409,7 @@ def base2novel_plots(table: pd.DataFrame, out_dir: str | Path, name: str = "base
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=min(len(methods) + 1, 6), loc="lower left")
     axes[-1].set_xticks(np.arange(len(datasets)), labels=datasets, rotation=35, ha="right", fontsize=8)
-    return [_save(fig, out_dir, f"{name}-bars.png")]
+    return [save_figure(fig, out_dir, f"{name}-bars.png")]
 
 
 def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: str) -> list[Path]:
@@ -425,7 +426,7 @@ def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: st
     frame = frame[frame["delta"].notna()]
     if frame.empty:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     datasets = list(dict.fromkeys(frame["dataset"]))
     methods = list(dict.fromkeys(frame["method"]))
     height = 0.8 / len(methods)
@@ -440,7 +441,7 @@ def delta_plot(table: pd.DataFrame, out_dir: str | Path, name: str, protocol: st
     ax.set_xlabel(label)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7)
-    return [_save(fig, out_dir, f"{name}-delta.png")]
+    return [save_figure(fig, out_dir, f"{name}-delta.png")]
 
 
 def latex_table(shown: pd.DataFrame, caption: str = "") -> str:

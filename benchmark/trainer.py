@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import platform
 import random
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmark import feature_cache, records, speed
+from benchmark import predictions as per_image
 from benchmark.backbone import clip_copy, resolve_device
 from benchmark.loaders import EvalInputs, eval_inputs, image_batches, image_loader, test_loader, train_loader
 from benchmark.models import dataset_context, input_size, prepare_model
@@ -335,48 +334,30 @@ def predict(model: Method, data: Sequence[Datum], inputs: EvalInputs, precision:
 
 
 def evaluate(model: Method, data: Sequence[Datum], inputs: EvalInputs, precision: str,
-             progress: Progress | None = None) -> dict:
-    """Accuracy, macro-F1 and counts of ``model`` on ``data`` (``inputs``: ``eval_inputs``)."""
+             progress: Progress | None = None, keep: dict | None = None) -> dict:
+    """Accuracy, macro-F1 and counts of ``model`` on ``data`` (``inputs``: ``eval_inputs``);
+    ``keep`` (a dict) receives the per-image predictions as ``preds``."""
     start = time.perf_counter()
     preds = predict(model, data, inputs, precision, progress)
     metrics = classification_metrics(np.array([d.label for d in data]), preds)
     metrics["seconds"] = time.perf_counter() - start
+    if keep is not None:
+        keep["preds"] = preds
     return metrics
-
-
-def software_versions() -> dict:
-    import open_clip
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
-            "numpy": np.__version__}
-
-
-def code_revision() -> str:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def execute(spec: RunSpec, device: str | torch.device | None = None,
             on_step: Callable[[int, int, float], None] | None = None, *,
             previous: dict | None = None, checkpoint: str | Path | None = None,
-            save_checkpoint: bool = False, progress: Progress | None = None) -> records.FinishedRecord:
+            save_checkpoint: bool = False, progress: Progress | None = None,
+            output: str | Path | None = None) -> records.FinishedRecord:
     """Train and evaluate one run spec; returns its record (status "ok").
 
     ``previous``: this spec's earlier successful record that lacks some evaluations; with
     its ``checkpoint`` on disk the weights are restored instead of trained, only the
     missing evaluations run, and the record keeps the earlier ones.  ``save_checkpoint``
-    writes the learned weights to ``checkpoint`` after training."""
+    writes the learned weights to ``checkpoint`` after training.  With ``output`` (the results
+    folder) the per-image predictions go to ``<output>/predictions/`` (``benchmark.predictions``)."""
     from benchmark import checkpoint as ckpt
 
     started = time.time()
@@ -418,10 +399,10 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     else:
         try:
             if model.fit is not None:
-                fit_start = time.perf_counter()
-                def full_train() -> list[Datum]:
+                def full_train() -> list[Datum]:  # for a held-out validation set (ImageNet's val is its test)
                     return build_dataset(spec.dataset, root, seed=spec.seed, subsample=spec.subsample).train
 
+                fit_start = time.perf_counter()
                 report = model.fit(FitContext(train_set.train, train_set.val, cfg, device, precision,
                                               spec.backbone_id, seed=spec.seed, full_train=full_train)) or {}
                 # a method with its own loop reports its steps, losses and learned parameters
@@ -437,6 +418,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         ckpt.save(model, checkpoint, run_id=spec.run_id)
 
     metrics = dict(previous["metrics"]) if resumed else {}
+    kept: dict[str, per_image.Predictions] = {}
     inputs = eval_inputs(model, cfg, device, spec.backbone_id)  # the evaluations' data path, decided once
     for ev in spec.evals:
         if ev.name in metrics:
@@ -457,9 +439,11 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                 log.info("%s %s: not applicable (%s)", spec.label, ev.name, exc)
                 continue
         try:
-            metrics[ev.name] = evaluate(model, data, inputs, precision, progress)
+            keep: dict = {}
+            metrics[ev.name] = evaluate(model, data, inputs, precision, progress, keep)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, cfg, "evaluation", len(names), precision) from exc
+        kept[ev.name] = per_image.Predictions.of(data, keep["preds"], root)
         metrics[ev.name]["n_classes"] = len(names)
         log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
 
@@ -473,6 +457,11 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
             epoch_losses=result.epoch_losses, learning_rates=result.learning_rates, fit=result.fit)
         train_s = result.seconds
     evals = [e.__dict__ for e in spec.evals]
+    stored = per_image.relative_path(spec) if output is not None else None
+    if stored is not None and (kept or Path(output, stored).is_file()):
+        per_image.write(Path(output) / stored, kept)  # added to an earlier file of the run
+    else:
+        stored = None
     return records.finished(
         spec, method_version=info.version, world=world,
         evals=records.merge_evals(previous.get("evals", []), evals) if resumed else evals,
@@ -482,9 +471,10 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                  "peak_memory_bytes": peak},
         timings={"train_s": train_s, "total_s": time.perf_counter() - t0, "started": started,
                  "finished": time.time()},
-        effective_input_size=list(cfg.INPUT.SIZE), software=software_versions(), code_revision=code_revision(),
+        effective_input_size=list(cfg.INPUT.SIZE), software=records.software_versions(),
+        code_revision=records.code_revision(),
         checkpoint=str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None,
-        resumed_from_checkpoint=resumed)
+        resumed_from_checkpoint=resumed, predictions=stored)
 
 
 def short_classes(train: Sequence[Datum], classnames: Sequence[str], shots: int) -> dict[str, int]:

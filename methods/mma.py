@@ -19,6 +19,15 @@ official trainer (``trainers/mmadapter.py`` and its modified CLIP blocks):
 * Precision: amp (autocast + GradScaler) for training; evaluation runs in fp32 without
   autocast.  Text features are computed once per class set at evaluation.
 
+Switches for the paper's ablations (the defaults are the official computation, bit for
+bit; at their defaults they are not part of a run's identity, so records made before
+they existed stay valid): ``SHARED`` False drops the shared projection (each adapter is
+down -> ReLU -> up, and the state dict has no ``shared_adapter`` keys); ``TOWERS`` ``text``
+or ``image`` keeps the adapters of one encoder only (the other is CLIP's own tower; the
+shared projection, if on, serves the adapted one).  ``ADAPTER_START``/``ADAPTER_END`` (the
+first and last adapted layers), ``ADAPTER_SCALE`` (alpha) and ``ADAPTER_DIM`` (the
+bottleneck width) are the official options.
+
 The learned module is ``adapter_learner`` with the official parameter names
 (``text_adapter.5.down.0.weight``, ``shared_adapter.5.0.weight``...), so official
 checkpoints load directly.
@@ -37,10 +46,14 @@ from benchmark.backbone import tokenize
 from methods.registry import Method, grad_scale, register_method
 
 
-def _build_adapters(d_model: int, n_layers: int, start: int, end: int, dim: int) -> nn.ModuleList:
-    """One adapter per layer index 0..n_layers; None outside start..end."""
+TOWERS = ("both", "text", "image")
+
+
+def _build_adapters(d_model: int, n_layers: int, start: int, end: int, dim: int, *,
+                    on: bool = True) -> nn.ModuleList:
+    """One adapter per layer index 0..n_layers; None outside start..end (everywhere when not ``on``)."""
     layers: list[nn.Module | None] = [None] * (n_layers + 1)
-    for i in range(start, end + 1):
+    for i in range(start, end + 1) if on else ():
         if dim == d_model:  # the shared adapters (DIM -> DIM) take this form
             layers[i] = nn.Sequential(nn.Linear(d_model, dim), nn.ReLU())
         else:
@@ -65,7 +78,15 @@ class AdapterLearner(nn.Module):
         self.scale = float(opts.ADAPTER_SCALE)
         n_text, n_visual = len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks)
         start, end, dim = int(opts.ADAPTER_START), int(opts.ADAPTER_END), int(opts.ADAPTER_DIM)
+        towers, shared = str(opts.get("TOWERS", "both")), bool(opts.get("SHARED", True))
+        if towers not in TOWERS:
+            raise ValueError(f"TRAINER.MMADAPTER.TOWERS is '{towers}'; use both (the paper's MMA: adapters on "
+                             f"both encoders), text or image (one encoder only).")
+        text_on, visual_on = towers in ("both", "text"), towers in ("both", "image")
+        # the first text block with an adapter (beyond the last block when the text tower has none):
+        # the text blocks below it are frozen (the FROZEN_TEXT fast path)
         self.start = start
+        self.text_start = start if text_on else n_text + 1
         if not 0 <= start <= end <= min(n_text, n_visual):
             raise ValueError(f"MMA adapter layers {start}..{end} do not fit a backbone with "
                              f"{n_text} text and {n_visual} image blocks; set "
@@ -77,10 +98,12 @@ class AdapterLearner(nn.Module):
         self.register_buffer("token_embedding", torch.empty(0), persistent=True)
         self.register_buffer("tokenized_prompts", torch.empty(0, dtype=torch.long), persistent=True)
         self.embed_classnames(clip, classnames)
-        # construction order as the official code: text, visual, shared (the RNG draws follow it)
-        self.text_adapter = _build_adapters(clip.ln_final.weight.shape[0], n_text, start, end, dim)
-        self.visual_adapter = _build_adapters(clip.visual.ln_post.weight.shape[0], n_visual, start, end, dim)
-        self.shared_adapter = _build_adapters(dim, n_visual, start, end, dim)
+        # construction order as the official code: text, visual, shared (the RNG draws follow it;
+        # a tower switched off draws nothing)
+        self.text_adapter = _build_adapters(clip.ln_final.weight.shape[0], n_text, start, end, dim, on=text_on)
+        self.visual_adapter = _build_adapters(clip.visual.ln_post.weight.shape[0], n_visual, start, end, dim,
+                                              on=visual_on)
+        self.shared_adapter = _build_adapters(dim, n_visual, start, end, dim) if shared else None
         if clip.visual.conv1.weight.dtype == torch.float16:  # official: adapters follow CLIP's dtype
             self.half()
 
@@ -97,7 +120,7 @@ class AdapterLearner(nn.Module):
         adapter = (self.text_adapter if tower == "text" else self.visual_adapter)[index]
         if adapter is None:
             return None
-        shared = self.shared_adapter[index]
+        shared = self.shared_adapter[index] if self.shared_adapter is not None else None
         if norm is not None:  # blocks: gradient-scaled input through the block's own ln_1
             y = norm(grad_scale(x, self.scale))
         else:  # index 0: x is already what the adapter reads
@@ -112,7 +135,10 @@ class AdapterLearner(nn.Module):
 @register_method(
     "mma", node="MMADAPTER",
     defaults=dict(TEXT_CTX_INIT="a photo of a", PREC="amp", ADAPTER_START=5, ADAPTER_END=12,
-                  ADAPTER_DIM=32, ADAPTER_SCALE=0.001),
+                  ADAPTER_DIM=32, ADAPTER_SCALE=0.001,
+                  SHARED=True,  # the shared projection between the towers' adapters (False: none)
+                  TOWERS="both"),  # which encoders carry adapters: both, text or image
+    neutral=dict(SHARED=True, TOWERS="both"),  # added for the ablations; the official computation
     paper="MMA: Multi-Modal Adapter for Vision-Language Models (CVPR 2024)", paper_name="MMA",
     code="the authors' Multi-Modal-Adapter repository, trainers/mmadapter.py")
 class MMA(Method):
@@ -134,11 +160,11 @@ class MMA(Method):
     def _run_blocks(self, tower: str, blocks, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
         learner = self.adapter_learner
         first = 1
-        if tower == "text" and learner.start >= 2 and self.fast("FROZEN_TEXT"):
-            # the prompt is fixed and no adapter acts below block `start`: those blocks'
+        if tower == "text" and learner.text_start >= 2 and self.fast("FROZEN_TEXT"):
+            # the prompt is fixed and no adapter acts below block `text_start`: those blocks'
             # output is the same at every step
-            x = self._frozen_text_prefix(blocks[:learner.start - 1], x, attn_mask)
-            first = learner.start
+            x = self._frozen_text_prefix(blocks[:learner.text_start - 1], x, attn_mask)
+            first = learner.text_start
         for index in range(first, len(blocks) + 1):
             block = blocks[index - 1]
             y = learner.branch(tower, index, x, block.ln_1)

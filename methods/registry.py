@@ -307,8 +307,12 @@ class Method(nn.Module):
     def use_dataset(self, dataset: DatasetContext) -> None:
         """Classify ``dataset`` from now on: its classes, with its template (the harness
         calls this for novel classes and for every cross-dataset or shifted target)."""
-        self.dataset = dataset
-        self.set_classnames(list(dataset.classnames))
+        previous, self.dataset = self.dataset, dataset
+        try:
+            self.set_classnames(list(dataset.classnames))
+        except BaseException:  # e.g. ClassesNotSupported: the model stays as it was
+            self.dataset = previous
+            raise
 
     # -- configuration -------------------------------------------------------------
     @property

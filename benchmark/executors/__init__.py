@@ -50,3 +50,31 @@ def check_options(name: str, **options) -> None:
 
 
 __all__ = ["EXECUTORS", "Executor", "ExecutorUnavailable", "LocalExecutor", "get_executor", "check_options"]
+
+
+def options_from_args(args) -> dict:
+    """The chosen executor's options from the run command's; options of another executor
+    and a missing optional package (Ray, submitit) are errors before any work."""
+    given = {"--gpus": args.gpus is not None, "--workers": args.workers != 1,
+             "--ray-address": args.ray_address is not None,
+             **{f"--slurm-{name.replace('_', '-')}": getattr(args, f"slurm_{name}") is not None
+                for name in ("partition", "time", "gpus", "cpus", "mem", "array_parallelism", "config", "cluster")}}
+    owner = {"local": ("--gpus", "--workers"), "ray": ("--ray-address",)}
+    for option, present in given.items():
+        belongs = next((name for name, options in owner.items() if option in options), "slurm")
+        if present and belongs != args.executor:
+            raise ValueError(f"{option} is an option of --executor {belongs}, but the executor is {args.executor}. "
+                             f"Add --executor {belongs} or leave {option} out.")
+    if args.stale_lock_minutes <= 0:
+        raise ValueError(f"--stale-lock-minutes must be positive; got {args.stale_lock_minutes}.")
+    options = {"device": args.device, "max_retries": args.max_retries}
+    if args.executor == "local":
+        options.update(gpus=args.gpus, workers=args.workers)
+    elif args.executor == "ray":
+        options.update(address=args.ray_address)
+    else:
+        options.update(output=args.output, cluster=args.slurm_cluster or "slurm", partition=args.slurm_partition,
+                       time=args.slurm_time, gpus=args.slurm_gpus, cpus=args.slurm_cpus, mem=args.slurm_mem,
+                       array_parallelism=args.slurm_array_parallelism, config=args.slurm_config)
+    check_options(args.executor, **options)
+    return options
