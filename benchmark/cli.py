@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a sweep and print its tables (the default command)")
     run.add_argument("--methods", type=_csv, default=["mma", "zsclip"],
-                     help="comma-separated registry names (default: mma,zsclip); see `run.py list`")
+                     help="comma-separated registry names, or all (default: mma,zsclip); see `run.py list`")
     run.add_argument("--protocol", default="base2novel",
                      help="base2novel (default), cross_dataset, domain_generalization, few_shot, all, or a "
                           "comma-separated list; e.g. --protocol cross_dataset,domain_generalization (one "
@@ -285,7 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.check import check_sweep_data
     from benchmark.files import check_writable
     from datasets.catalog import resolve_name
-    from methods.registry import get_method, load_plugins
+    from methods.registry import get_method, list_methods, load_plugins
 
     _setup_logging(args.verbose, args.quiet)
     from benchmark.executors import ExecutorUnavailable, options_from_args
@@ -296,6 +296,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"Error: {exc}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         return 2
     load_plugins(args.plugin)
+    if args.methods == ["all"]:  # every registered method, plugins included
+        args.methods = list_methods()
     for method in args.methods:
         get_method(method)
     if args.datasets is not None:  # official spellings (OxfordPets) and oxfordpets name oxford_pets

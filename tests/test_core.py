@@ -231,3 +231,14 @@ def test_no_module_imports_anothers_private_names():
 def test_no_file_of_the_harness_core_is_over_about_500_lines():
     sizes = {p.relative_to(REPO): len(p.read_text().splitlines()) for p in (REPO / "benchmark").rglob("*.py")}
     assert max(sizes.values()) <= 540, {str(p): n for p, n in sizes.items() if n > 540}
+
+
+def test_methods_all_runs_every_registered_method(tmp_path, capsys, wide_console):
+    from methods.registry import list_methods
+
+    code = main(["--world", "synthetic", "--methods", "all", "--datasets", "eurosat", "--seeds", "1",
+                 "--output", str(tmp_path / "out"), "--dry-run"])
+    text = capsys.readouterr().out
+    assert code == 0
+    for name in list_methods():
+        assert f"{name}/base2novel/eurosat/shots16/seed1" in text
