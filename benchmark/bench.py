@@ -14,6 +14,11 @@ reported):
 * ``run_s``: one complete base-to-novel run (training, base and novel evaluation, the
   record) on that dataset, through the same ``execute`` as a sweep: plain, fast with
   empty caches (the first seed of a sweep) and fast with filled ones (every later seed);
+* ``toy_stages``: where the time of one complete toy-world base-to-novel run goes (its
+  record's ``timings.stages``: imports, datasets, model, data loading, training steps,
+  evaluation, writing; ``benchmark.stages``), plain, fast with empty caches and fast with
+  filled ones, on ``--toy-dataset`` (the toy world as a sweep reads it, written once per
+  machine);
 * ``peak_mb``: peak GPU memory of the training steps (CUDA only);
 * ``tflops`` and ``peak_share``: the training step's floating-point work (counted by
   torch's FLOP counter) per second, and its share of the device's peak (CUDA only).
@@ -56,6 +61,7 @@ class BenchSettings:
     steps: int = 5  # training steps per timed repetition
     peak_tflops: float = 0.0  # 0: look the device up in PEAK_TFLOPS
     skip_run: bool = False
+    toy_dataset: str = "eurosat"  # the toy-world slot of the stage breakdown ("" or "none": none)
     opts: list[str] = field(default_factory=list)
 
 
@@ -317,6 +323,71 @@ def measure_run(method: str, s: BenchSettings, device: torch.device, cache_dir: 
     return out
 
 
+def measure_toy_stages(method: str, s: BenchSettings, device: torch.device, workdir: Path,
+                       announce: Callable[[str], None] = print) -> dict:
+    """One complete toy-world base-to-novel run of ``method`` (seed 1, ``s.toy_dataset``, the
+    toy world's own CLIP, no loader workers, as a sweep runs it): plain (every fast path
+    off), fast with empty caches and nothing decoded in memory (the first run of a sweep),
+    and fast with what that run left (every later one).  Returns each one's stage breakdown
+    (``imports``: this process's, paid once per process), accuracies, whether the three
+    records agree on every evaluation's correct count, and the largest gap between their
+    epoch losses relative to the loss (the text fast paths round differently in the last
+    bits; the image paths not at all)."""
+    from benchmark import stages
+    from benchmark.backbone import backbone_fingerprint
+    from benchmark.image_memory import STORE
+    from benchmark.protocols import base2novel
+    from benchmark.trainer import execute
+    from datasets.worlds import WORLD_BACKBONES, prepare_world
+
+    started = time.perf_counter()
+    root = prepare_world("toy", workdir, announce)
+    out: dict = {"toy_dataset": s.toy_dataset, "toy_world_s": time.perf_counter() - started}
+    backbone = WORLD_BACKBONES["toy"]
+    cache = workdir / "toy_cache"
+    seen = []
+    for label, fast, clear in (("plain", False, True), ("fast_cold", True, True), ("fast", True, False)):
+        if clear:
+            shutil.rmtree(cache, ignore_errors=True)
+            STORE.clear()
+        opts = ["DATALOADER.NUM_WORKERS", "0", "SPEED.CACHE_DIR", str(cache), "SPEED.ENABLED", str(fast)]
+        if s.epochs > 0:
+            opts += ["OPTIM.MAX_EPOCH", str(s.epochs)]
+        spec = base2novel([method], [s.toy_dataset], [1], s.shots, root=str(root), backbone=backbone,
+                          backbone_id=backbone_fingerprint(backbone), opts=opts + list(s.opts))[0]
+        record = execute(spec, device)
+        breakdown = dict(record["timings"]["stages"])
+        breakdown["imports"] = stages.imports_seconds()
+        out[f"toy_stages_{label}"] = breakdown
+        out[f"toy_acc_{label}"] = tuple(record["metrics"][k].get("accuracy") for k in ("base", "novel"))
+        seen.append(({k: v.get("n_correct") for k, v in record["metrics"].items()},
+                     record["train"].get("epoch_losses") or []))
+    out["toy_same"] = all(counts == seen[0][0] for counts, _ in seen)
+    out["toy_loss_gap"] = max((abs(a - b) / max(abs(b), 1e-12) for _, losses in seen[1:]
+                               for a, b in zip(losses, seen[0][1])), default=0.0)
+    return out
+
+
+def toy_markdown(rows: list[dict]) -> str:
+    """The stage breakdown of each method's toy run: plain / fast, empty caches / fast."""
+    from benchmark import stages
+
+    parts = []
+    for row in rows:
+        if "toy_stages_plain" not in row:
+            continue
+        columns = {"plain": row["toy_stages_plain"], "fast, empty caches": row["toy_stages_fast_cold"],
+                   "fast": row["toy_stages_fast"]}
+        accs = " / ".join("/".join("-" if v is None else f"{v:.2f}" for v in row[f"toy_acc_{k}"])
+                          for k in ("plain", "fast_cold", "fast"))
+        parts.append(f"Toy-world run, {row['method']} on {row['toy_dataset']} (base-to-novel, seed 1): seconds "
+                     f"per stage (imports: this process's, once per process). Base/novel accuracy plain / fast "
+                     f"cold / fast: {accs}; correct counts {'identical' if row['toy_same'] else 'DIFFERENT'}, largest "
+                     f"relative gap between epoch losses {row['toy_loss_gap']:.1e}.\n\n"
+                     + stages.table(columns))
+    return "\n\n".join(parts)
+
+
 def run_bench(s: BenchSettings, console=None) -> tuple[list[dict], Path]:
     from benchmark import backbone as B
     from benchmark.backbone import load_clip, resolve_device
@@ -343,11 +414,15 @@ def run_bench(s: BenchSettings, console=None) -> tuple[list[dict], Path]:
         row.update(logit_gap(method, clip, s, device, cache_dir, class_names(8)))
         if not s.skip_run:
             row.update(measure_run(method, s, device, cache_dir, data_root, backbone_id))
+        if s.toy_dataset and s.toy_dataset != "none":
+            row.update(measure_toy_stages(method, s, device, workdir,
+                                          console.print if console is not None else print))
         rows.append(row)
         # written after every method: an interrupted bench keeps what it measured
         meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+        toy = toy_markdown(rows)
+        path.with_suffix(".md").write_text(markdown(rows, meta) + ("\n\n" + toy if toy else "") + "\n")
     return rows, path
 
 

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-tflops", type=float, default=0.0,
                        help="the device's peak TFLOP/s for the share column (default: known GPUs)")
     bench.add_argument("--skip-run", action="store_true", help="leave out the complete base-to-novel runs")
+    bench.add_argument("--toy-dataset", default="eurosat",
+                       help="toy-world slot of the stage breakdown (seconds per stage of one complete run, plain "
+                            "and fast), e.g. --toy-dataset imagenet; none leaves it out (default eurosat)")
     bench.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default: {DEFAULT_OUTPUT})")
     bench.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                        help="config overrides for every measurement, e.g. --opts DATALOADER.NUM_WORKERS 8")
@@ -255,12 +258,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1 or (name == "classes" and args.classes < 2):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number (--classes at least 2); "
                              f"got {getattr(args, name)}.")
+    if args.toy_dataset not in ("", "none"):
+        from datasets.catalog import BASE2NOVEL_DATASETS, resolve_name
+
+        args.toy_dataset = resolve_name(args.toy_dataset)
+        if args.toy_dataset not in BASE2NOVEL_DATASETS:
+            raise ValueError(f"--toy-dataset must be a base-to-novel dataset ({', '.join(BASE2NOVEL_DATASETS)}) "
+                             f"or none; got {args.toy_dataset}.")
     settings = BenchSettings(methods=args.methods, backbone=args.backbone, device=args.device,
                              output=Path(args.output), classes=args.classes, shots=args.shots,
                              test_per_class=args.test_per_class, image_px=args.image_px,
                              text_classes=args.text_classes, epochs=args.epochs, repeats=args.repeats,
                              run_repeats=args.run_repeats,
                              steps=args.steps, peak_tflops=args.peak_tflops, skip_run=args.skip_run,
+                             toy_dataset=args.toy_dataset,
                              opts=list(args.opts))
     rows, path = run_bench(settings, console)
     console.print(path.with_suffix(".md").read_text(), soft_wrap=True, highlight=False, markup=False)
@@ -361,11 +372,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     built = tables.build_tables(args.output, chosen, run_ids={spec.run_id for spec in specs})
     for (protocol, world), table in built.shown.items():
         show_table(protocol, table, PROTOCOL_TITLES[protocol] + WORLD_TITLES.get(world, ""))
+        show_agreement(built.agreement.get((protocol, world)))
     extra = show_extras(args.output, chosen, args.reference, {spec.run_id for spec in specs})
     if built.damaged:
         console.print(built.skipped_note, style="yellow", soft_wrap=True, highlight=False, markup=False)
     console.print("Tables: " + ", ".join(str(p) for p in built.paths + extra), soft_wrap=True)
     return 1 if summary.failed else 0
+
+
+def show_agreement(agreed) -> None:
+    """The rank correlation of a toy-world table with the published averages (if any)."""
+    if agreed is not None:
+        console.print(agreed.line, soft_wrap=True, highlight=False, markup=False)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -388,6 +406,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             print(tables.latex_table(frame, caption=title))
         else:
             show_table(protocol, table, title)
+            show_agreement(built.agreement.get((protocol, world)))
     if args.compute:
         compute = tables.compute_table(r for r in store.iter_records(args.output)
                                        if r.get("protocol") in chosen + (["transfer"] if set(chosen) & {

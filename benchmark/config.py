@@ -97,6 +97,9 @@ def get_cfg_default() -> CN:
     cfg.SPEED.FROZEN_TEXT = True  # frozen text layers below the first trained one run once per class set
     cfg.SPEED.FEATURE_CACHE = True  # test features of a frozen image encoder, on disk, shared by runs
     cfg.SPEED.IMAGE_CACHE = True  # test images decoded and cropped once into a uint8 memory map
+    cfg.SPEED.MEMORY_IMAGES = True  # a loader's images decoded once per process and kept, when they fit:
+    cfg.SPEED.MEMORY_IMAGES_MB = 512  # at most this many megabytes of decoded images per process
+    cfg.SPEED.BATCH_TENSORS = True  # ToTensor and Normalize applied to a whole batch at once
     cfg.SPEED.EVAL_BATCH_SIZE = 0  # > 0: evaluation batch size (0: DATALOADER.TEST.BATCH_SIZE)
     cfg.SPEED.CACHE_DIR = ""  # where the disk caches live ("" : <output>/cache from the command line)
     return cfg

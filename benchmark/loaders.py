@@ -3,7 +3,10 @@
 ``train_loader`` and ``test_loader`` are the reference toolbox's: a RandomSampler that
 drops the last incomplete batch when there is at least one full batch, with the train
 transforms; in order with the test transform.  Every loader is a ``QuietLoader`` (its
-workers survive a sweep's signals and end with it).
+workers survive a sweep's signals and end with it).  Under ``SPEED.MEMORY_IMAGES`` a
+loader's images are decoded once per process and kept (when they fit), under
+``SPEED.BATCH_TENSORS`` ToTensor and Normalize run per batch (``benchmark.image_memory``):
+both give the plain loader's batches bit for bit.
 
 An evaluation gets its inputs one of three ways, decided once where it starts
 (``eval_inputs``) and handed down:
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from benchmark import speed
 from benchmark.image_cache import DecodedImages
+from benchmark.image_memory import STORE, FastImageList, PixelsToBatch, split_transform
 from benchmark.images import ImageList
 from benchmark.transforms import build_test_transform, build_train_transform
 from benchmark.workers import QuietLoader
@@ -44,10 +48,22 @@ def image_loader(data: Sequence[Datum], cfg, device: torch.device, *, augment: b
                  shuffle: bool, drop_last: bool = False) -> DataLoader:
     """(image, label) batches of ``data``: the train transforms (``augment``) or the test
     transform, shuffled by a RandomSampler or in order."""
-    dataset = ImageList(data, build_train_transform(cfg) if augment else build_test_transform(cfg))
+    transform = build_train_transform(cfg) if augment else build_test_transform(cfg)
+    memory = speed.enabled(cfg, "MEMORY_IMAGES")
+    split = split_transform(transform) if speed.enabled(cfg, "BATCH_TENSORS") else None
+    extra = {}
+    if not memory and split is None:
+        dataset = ImageList(data, transform)
+    else:
+        images = STORE.decoded(data, speed.memory_images_budget(cfg)) if memory else None
+        if split is None:
+            dataset = FastImageList(data, transform, images)
+        else:
+            dataset = FastImageList(data, split[0], images, pixels=True)
+            extra["collate_fn"] = PixelsToBatch(split[1])
     sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     return QuietLoader(dataset, batch_size=int(batch_size), sampler=sampler, num_workers=worker_count(cfg),
-                       drop_last=drop_last, pin_memory=device.type == "cuda")
+                       drop_last=drop_last, pin_memory=device.type == "cuda", **extra)
 
 
 def train_loader(data: Sequence[Datum], cfg, device: torch.device) -> DataLoader:

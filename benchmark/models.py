@@ -21,13 +21,14 @@ from methods.registry import DatasetContext, Method, build_method, get_method
 
 
 def dataset_context(name: str, classnames: Sequence[str] = (), *, world: str = "real",
-                    shots: int = 0) -> DatasetContext:
+                    shots: int = 0, all_classnames: Sequence[str] = ()) -> DatasetContext:
     """What a method classifies when it classifies ``name``'s ``classnames``: the dataset's
-    own template (the toy world's caption form in the toy world) and whether its
-    validation split is its test set."""
+    own template (the toy world's caption form in the toy world), whether its validation
+    split is its test set, and every class name of the dataset (``all_classnames``)."""
     spec = CATALOG.get(name)
     return DatasetContext(tuple(classnames), name=name, template=dataset_template(name, world), world=world,
-                          shots=int(shots), val_is_test=bool(spec is not None and spec.val_is_test))
+                          shots=int(shots), val_is_test=bool(spec is not None and spec.val_is_test),
+                          all_classnames=tuple(all_classnames))
 
 
 def prepare_model(method: str, cfg, dataset: DatasetContext, *, device: torch.device,

@@ -25,7 +25,15 @@ that depend on K), the dataset's, and ``few_shot_<dataset>`` (few-shot settings 
 differ per dataset).
 
 Variants of a method's YAML apply in this order: protocol (few_shot, few_shot_<K>),
-dataset (then few_shot_<dataset>), world (``toy``); for the transfer run: dataset (imagenet), cross_dataset, world.
+dataset (then few_shot_<dataset>), world (``toy``; the shipped configs have none); for the
+transfer run: dataset (imagenet), cross_dataset, world.
+
+The toy world's schedule rule (``toy_epochs``), the one change the toy world makes to any
+method's official hyper-parameters: a CPU cannot afford the official schedules (CoOp's 200
+epochs, ImageNet's batches of 128), so every run keeps its official warm-up and then its
+official schedule cut to the whole epochs that take at most ``TOY_MAX_STEPS`` optimiser
+steps (at least one epoch).  Learning rate, batch size, warm-up and scheduler
+stay official (the cosine then spans the shortened run).
 """
 
 from __future__ import annotations
@@ -39,13 +47,15 @@ from typing import Iterable, Sequence
 from yacs.config import CfgNode as CN
 
 from benchmark import config as C
-from methods.registry import add_method_defaults, get_method
+from methods.registry import MethodInfo, add_method_defaults, get_method
 
 PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization", "few_shot")
 TRANSFER = "transfer"  # the protocol name of the shared ImageNet training
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_SHOTS = 16
 FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
+# the toy world's schedule rule (toy_epochs): at most this many optimiser steps per run
+TOY_MAX_STEPS = 100
 # keys that do not change any number: left out of a run's identity
 _NOT_IDENTITY = ("OUTPUT_DIR", "DATASET.ROOT", "DATALOADER.NUM_WORKERS", "TRAIN.PRINT_FREQ", "USE_CUDA",
                  "SPEED")
@@ -180,24 +190,57 @@ def config_variants(protocol: str, dataset: str, shots: int, world: str) -> list
     return names + (["toy"] if world == "toy" else [])
 
 
+def toy_epochs(epochs: int, warmup: int, train_size: int, batch_size: int, max_steps: int | None = None) -> int:
+    """The toy world's schedule rule: the official warm-up epochs, then the official
+    schedule cut to the most whole epochs that take at most ``max_steps``
+    (``TOY_MAX_STEPS``) optimiser steps, and at least one.  An epoch takes
+    ``train_size // batch_size`` steps, or one where the training set is smaller than a
+    batch (the train loader drops the last incomplete batch)."""
+    max_steps = TOY_MAX_STEPS if max_steps is None else max_steps
+    if epochs <= 0 or train_size <= 0:
+        return epochs
+    warmup = min(max(warmup, 0), epochs - 1)
+    per_epoch = max(1, train_size // max(1, batch_size))
+    return min(epochs, warmup + max(1, max_steps // per_epoch))
+
+
+def _apply_toy_schedule(cfg: CN, info: MethodInfo, root: str, dataset: str, shots: int, subsample: str) -> None:
+    """``toy_epochs`` on ``cfg``; the method's options counted in epochs
+    (``MethodInfo.epoch_options``) are scaled by the same factor."""
+    from datasets.toy import train_size
+
+    n = train_size(root, dataset, shots, subsample)
+    official = int(cfg.OPTIM.MAX_EPOCH)
+    if not n or official <= 0:
+        return
+    epochs = toy_epochs(official, int(cfg.OPTIM.WARMUP_EPOCH), n, int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE))
+    cfg.OPTIM.MAX_EPOCH = epochs
+    node = cfg.TRAINER.get(info.node)
+    for key in info.epoch_options if epochs != official else ():
+        node[key] = float(node[key]) * epochs / official
+
+
 def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots: int,
                    subsample: str, root: str, backbone: str, user_yaml: str | None = None,
                    opts: Sequence[str] = (), source: str = "command-line opts") -> CN:
     """defaults < method YAML (+ variants) < user YAML < protocol keys < KEY VALUE opts.
 
-    Variants (``config_variants``): the protocol's, then the dataset's, then the world's
-    (``toy`` for a toy-world root, which wins: it only shortens schedules that a CPU cannot
-    afford).
+    Variants (``config_variants``): the protocol's, then the dataset's, then the world's.
+    In the toy world the schedule rule (``toy_epochs``) then shortens ``OPTIM.MAX_EPOCH``
+    (after the user YAML, before the opts: an explicit ``--opts OPTIM.MAX_EPOCH`` wins).
     """
     from datasets.worlds import world_of
 
     info = get_method(method)
     cfg = C.get_cfg_default()
     add_method_defaults(cfg)
-    variants = config_variants(protocol, dataset, shots, world_of(root))
+    world = world_of(root)
+    variants = config_variants(protocol, dataset, shots, world)
     C.merge_dict(cfg, method_yaml(method, variants), f"methods/configs/{method}.yaml")
     if user_yaml:
         C.merge_dict(cfg, C.read_yaml(user_yaml), str(user_yaml))
+    if world == "toy":
+        _apply_toy_schedule(cfg, info, root, dataset, shots, subsample)
     cfg.SEED = seed
     cfg.DATASET.NAME = dataset
     cfg.DATASET.ROOT = str(root)

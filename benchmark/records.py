@@ -17,12 +17,14 @@ a damaged record is reported and set aside instead of stopping a sweep or a tabl
 Records written before ``SCHEMA_VERSION`` existed (version 1) have the same fields and
 load as they are.  A run of a ``--grid`` sweep also holds its grid point (``grid``: config
 key -> value) and whether that point is the run without the grid (``grid_plain``); both
-are optional, and so is ``predictions``: records made before them load unchanged.  Readers use the accessors below (``applicable_metrics``,
+are optional, and so are ``predictions`` and ``timings.stages`` (seconds per stage of the run,
+``benchmark.stages``): records made before them load unchanged.  Readers use the accessors below (``applicable_metrics``,
 ``missing_evals``, ``seconds_per_step``) rather than the keys.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import subprocess
@@ -89,7 +91,7 @@ class FinishedRecord(TypedDict, total=False):
     metrics: dict[str, Union[Evaluation, NotApplicable]]
     train: TrainInfo
     compute: dict
-    timings: dict  # train_s, total_s, started, finished
+    timings: dict  # train_s, total_s, started, finished; stages (optional): stage -> seconds
     config: dict
     effective_input_size: list[int]
     software: dict
@@ -249,6 +251,10 @@ def validate(data: Any) -> Record:
         raise RecordError("train.steps must be an integer")
     if not _is_number(data.get("timings", {}).get("train_s", 0.0)):
         raise RecordError("timings.train_s must be a number")
+    stages = data.get("timings", {}).get("stages", {})
+    if not (isinstance(stages, dict) and all(isinstance(k, str) and _is_number(v) and v is not None
+                                             for k, v in stages.items())):
+        raise RecordError(f"timings.stages must be an object of stage names and seconds, not {_shown(stages)}")
     if "predictions" in data and not (isinstance(data["predictions"], str) and data["predictions"]):
         raise RecordError(f"predictions must name a file, not {_shown(data['predictions'])}")
     return data  # type: ignore[return-value]
@@ -306,7 +312,10 @@ def software_versions() -> dict:
             "numpy": np.__version__}
 
 
+@functools.lru_cache(maxsize=1)
 def code_revision() -> str:
+    """The git revision of the harness (``+dirty`` with uncommitted changes to tracked files),
+    read once per process: the code a process runs is the code it imported."""
     here = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

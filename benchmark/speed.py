@@ -17,6 +17,12 @@ each one against the plain path.  ``SPEED.ENABLED False`` switches them all off,
   and image list (``benchmark.feature_cache``).
 * ``IMAGE_CACHE``: test images are decoded, resized and centre-cropped once into a
   memory-mapped uint8 array and normalised on the device (``benchmark.image_cache``).
+* ``MEMORY_IMAGES``: a loader's images (training images above all, read again every
+  epoch) are decoded once per process and kept in memory when they fit in
+  ``MEMORY_IMAGES_MB``; the transforms, random ones included, run on the kept image
+  (``benchmark.image_memory``).
+* ``BATCH_TENSORS``: a loader's ToTensor and Normalize run on the whole batch instead of
+  each image (element-wise: the same values bit for bit; ``benchmark.image_memory``).
 * ``EVAL_BATCH_SIZE``: a larger evaluation batch.
 """
 
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAST_PATHS = ("TRUNCATE_TEXT", "FROZEN_TEXT", "FEATURE_CACHE", "IMAGE_CACHE")
+FAST_PATHS = ("TRUNCATE_TEXT", "FROZEN_TEXT", "FEATURE_CACHE", "IMAGE_CACHE", "MEMORY_IMAGES", "BATCH_TENSORS")
 
 
 def enabled(cfg, name: str) -> bool:
@@ -50,3 +56,12 @@ def eval_batch_size(cfg) -> int:
     if speed is not None and bool(speed.ENABLED) and int(speed.EVAL_BATCH_SIZE) > 0:
         return int(speed.EVAL_BATCH_SIZE)
     return int(cfg.DATALOADER.TEST.BATCH_SIZE)
+
+
+def memory_images_budget(cfg) -> int:
+    """Bytes of decoded images ``MEMORY_IMAGES`` may keep per process."""
+    speed = cfg.get("SPEED") if hasattr(cfg, "get") else None
+    megabytes = float(speed.get("MEMORY_IMAGES_MB", 0)) if speed is not None else 0.0
+    if megabytes < 0:
+        raise ValueError(f"SPEED.MEMORY_IMAGES_MB must be 0 or more megabytes; got {megabytes:g}.")
+    return int(megabytes * 2**20)

@@ -279,6 +279,8 @@ class TableSet:
     shown: dict = field(default_factory=dict)
     paths: list[Path] = field(default_factory=list)
     damaged: list = field(default_factory=list)
+    # {(protocol, world): benchmark.agreement.Agreement} for the worlds without published numbers
+    agreement: dict = field(default_factory=dict)
 
     @property
     def skipped_note(self) -> str:
@@ -297,6 +299,7 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
     compared with published numbers).  ``shown`` is restricted to ``run_ids`` (all records
     when None); damaged records are skipped and counted, in the result and in the files."""
     from benchmark import store
+    from benchmark.agreement import rank_agreement
 
     scan = store.scan_records(output)
     result = TableSet(damaged=scan.damaged)
@@ -317,10 +320,16 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
             table = make(frame[frame["world"] == world])
             if table.empty:
                 continue
+            note = result.skipped_note
+            if world != "real":  # how its ranking of the methods compares with the papers'
+                agreed = rank_agreement(table, paper, protocol)
+                if agreed is not None:
+                    result.agreement[(protocol, world)] = agreed
+                    note = " ".join(filter(None, [agreed.line, note]))
             if protocol == "base2novel":
-                written = write_tables(table, Path(output) / "tables", name, result.skipped_note)
+                written = write_tables(table, Path(output) / "tables", name, note)
             else:
-                written = write_accuracy_tables(table, Path(output) / "tables", name, protocol, result.skipped_note)
+                written = write_accuracy_tables(table, Path(output) / "tables", name, protocol, note)
             result.paths += [written["markdown"], written["csv"]]
             plots = Path(output) / "plots"
             if protocol == "few_shot":

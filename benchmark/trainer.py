@@ -9,35 +9,41 @@ last step (cosine with the constant/linear warm-up wrappers); the last-epoch mod
 evaluated (``TEST.FINAL_MODEL = last_step``).  Precision follows the method's ``PREC``
 (``benchmark.precision``).  The model of a run comes from ``benchmark.models``, its
 batches from ``benchmark.loaders`` (where each evaluation's data path is decided once),
-its record from ``benchmark.records``.
+its record from ``benchmark.records``, the seconds of each of its stages (``timings.stages``)
+from ``benchmark.stages``.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import random
-import time
+from benchmark import stages
+
+stages.import_begin()  # the imports a run needs that this process has not loaded yet (stages.py)
+import functools  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence  # noqa: E402
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
-from benchmark import feature_cache, records, speed
-from benchmark import predictions as per_image
-from benchmark.backbone import clip_copy, resolve_device
-from benchmark.loaders import EvalInputs, eval_inputs, image_batches, image_loader, test_loader, train_loader
-from benchmark.models import dataset_context, input_size, prepare_model
-from benchmark.precision import autocast, grad_scaler
-from benchmark.protocols import RunSpec, config_node
-from datasets.base import Datum, generate_fewshot
-from datasets.build import build_dataset
-from datasets.worlds import world_of
-from methods.registry import ClassesNotSupported, Method, TrainingError, get_method
+from benchmark import feature_cache, records, speed  # noqa: E402
+from benchmark import predictions as per_image  # noqa: E402
+from benchmark.backbone import clip_copy, resolve_device  # noqa: E402
+from benchmark.loaders import (  # noqa: E402
+    EvalInputs, eval_inputs, image_batches, image_loader, test_loader, train_loader)
+from benchmark.models import dataset_context, input_size, prepare_model  # noqa: E402
+from benchmark.precision import autocast, grad_scaler  # noqa: E402
+from benchmark.protocols import RunSpec, config_node  # noqa: E402
+from datasets.base import Datum, generate_fewshot  # noqa: E402
+from datasets.build import build_dataset  # noqa: E402
+from datasets.worlds import world_of  # noqa: E402
+from methods.registry import ClassesNotSupported, Method, TrainingError, get_method  # noqa: E402
 
+stages.import_end()
 log = logging.getLogger(__name__)
 
 
@@ -75,18 +81,20 @@ def set_random_seed(seed: int) -> None:
 
 
 # -- optimiser and schedule ------------------------------------------------------------------
-def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], cfg, eps: float | None = None) -> torch.optim.Optimizer:
+    """``eps``: Adam's epsilon where a method sets its own (``TRAINER.<NODE>.ADAM_EPS``; TCP)."""
     o = cfg.OPTIM
     name = str(o.NAME).lower()
+    adam = {} if eps is None else {"eps": float(eps)}
     if name == "sgd":
         return torch.optim.SGD(params, lr=o.LR, momentum=o.MOMENTUM, weight_decay=o.WEIGHT_DECAY,
                                dampening=o.SGD_DAMPNING, nesterov=o.SGD_NESTEROV)
     if name == "adam":
         return torch.optim.Adam(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY,
-                                betas=(o.ADAM_BETA1, o.ADAM_BETA2))
+                                betas=(o.ADAM_BETA1, o.ADAM_BETA2), **adam)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY,
-                                 betas=(o.ADAM_BETA1, o.ADAM_BETA2))
+                                 betas=(o.ADAM_BETA1, o.ADAM_BETA2), **adam)
     raise ValueError(f"OPTIM.NAME '{o.NAME}' is not supported; use sgd, adam or adamw.")
 
 
@@ -224,14 +232,18 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,
-          on_step: Callable[[int, int, float], None] | None = None, progress: Progress | None = None) -> TrainResult:
+          on_step: Callable[[int, int, float], None] | None = None, progress: Progress | None = None,
+          timer: stages.StageTimer | None = None) -> TrainResult:
+    """The training epochs; ``timer`` hears the time spent waiting for batches (``data_loading``)."""
     params = model.trainable_parameters()
     lrs = epoch_learning_rates(cfg)
     start = time.perf_counter()
     if not params or not lrs:
         return TrainResult([], [], 0, 0.0)
-    loader = train_loader(data, cfg, device)
-    optimizer = build_optimizer(params, cfg)
+    timer = timer or stages.StageTimer()
+    with timer("data_loading"):
+        loader = train_loader(data, cfg, device)
+    optimizer = build_optimizer(params, cfg, eps=model.options.get("ADAM_EPS"))
     scaler = grad_scaler(precision)
     epoch_losses, steps, last_finite = [], 0, None
     total_steps = len(lrs) * len(loader)
@@ -240,7 +252,7 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
             group["lr"] = lr
         model.train()
         total, count = 0.0, 0
-        for batch, (images, labels) in enumerate(loader):
+        for batch, (images, labels) in enumerate(timer.batches(loader)):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, precision, training=True):
@@ -362,6 +374,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
 
     started = time.time()
     t0 = time.perf_counter()
+    timer = stages.StageTimer()
     cfg = config_node(spec)
     device = resolve_device(device)
     info = get_method(spec.method)
@@ -369,13 +382,15 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     world = world_of(root)
 
     set_random_seed(spec.seed)
-    train_set = build_dataset(spec.dataset, root, num_shots=spec.shots, seed=spec.seed,
-                              subsample=spec.subsample)
+    with timer("datasets"):
+        train_set = build_dataset(spec.dataset, root, num_shots=spec.shots, seed=spec.seed,
+                                  subsample=spec.subsample)
     short = short_classes(train_set.train, train_set.classnames, spec.shots)
     if short:
         # the reference sampler keeps every image of such a class (no repetition): so do we
         log.warning("%s: %d classes have fewer than %d training images (e.g. %s); all their images are used, "
                     "as the reference sampler does.", spec.label, len(short), spec.shots, ", ".join(list(short)[:3]))
+    model_start = time.perf_counter()
     clip = clip_copy(spec.backbone)
     if tuple(cfg.INPUT.SIZE) != input_size(clip):
         # the official trainers assert this; the backbone decides the input size
@@ -385,7 +400,8 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     # loading a backbone may draw from torch's RNG (or not, when cached): re-seed so that a
     # run's initialisation and batches depend on its seed only
     torch.manual_seed(spec.seed)
-    told = dataset_context(train_set.name, train_set.classnames, world=world, shots=spec.shots)
+    told = dataset_context(train_set.name, train_set.classnames, world=world, shots=spec.shots,
+                           all_classnames=train_set.all_classnames)
     model, requested, precision = prepare_model(spec.method, cfg, told, device=device, clip=clip)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     if device.type == "cuda":
@@ -394,6 +410,9 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     resumed = previous is not None and checkpoint is not None and Path(checkpoint).is_file()
     if resumed:
         ckpt.load(model, checkpoint)
+    timer.add("model", time.perf_counter() - model_start)
+    train_start, waited = time.perf_counter(), timer.seconds["data_loading"]
+    if resumed:
         result = None
         log.info("%s: weights restored from %s; evaluating the missing targets only", spec.label, checkpoint)
     else:
@@ -411,12 +430,16 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                                      fit=report or None)
                 n_trainable = int(report.get("trainable_params", n_trainable))
             else:
-                result = train(model, train_set.train, cfg, device, precision, on_step=on_step, progress=progress)
+                result = train(model, train_set.train, cfg, device, precision, on_step=on_step, progress=progress,
+                               timer=timer)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, cfg, "training", len(train_set.classnames), precision) from exc
+    timer.add("training", time.perf_counter() - train_start - (timer.seconds["data_loading"] - waited))
     if save_checkpoint and not resumed and checkpoint is not None:
-        ckpt.save(model, checkpoint, run_id=spec.run_id)
+        with timer("writing"):
+            ckpt.save(model, checkpoint, run_id=spec.run_id)
 
+    eval_start, built = time.perf_counter(), timer.seconds["datasets"]
     metrics = dict(previous["metrics"]) if resumed else {}
     kept: dict[str, per_image.Predictions] = {}
     inputs = eval_inputs(model, cfg, device, spec.backbone_id)  # the evaluations' data path, decided once
@@ -426,11 +449,13 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         if ev.dataset == spec.dataset and ev.subsample == spec.subsample:
             target = train_set
         else:
-            target = build_dataset(ev.dataset, root, num_shots=spec.shots if ev.dataset == spec.dataset else 0,
-                                   seed=spec.seed, subsample=ev.subsample)
+            with timer("datasets"):
+                target = build_dataset(ev.dataset, root, num_shots=spec.shots if ev.dataset == spec.dataset else 0,
+                                       seed=spec.seed, subsample=ev.subsample)
         data, names = target.test, target.classnames
         # the method is told what it classifies now: each target with its own template
-        now = dataset_context(target.name, names, world=world, shots=spec.shots)
+        now = dataset_context(target.name, names, world=world, shots=spec.shots,
+                              all_classnames=target.all_classnames)
         if now != model.dataset or names != model.classnames:
             try:
                 model.use_dataset(now)
@@ -447,6 +472,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         metrics[ev.name]["n_classes"] = len(names)
         log.info("%s %s: accuracy %.2f", spec.label, ev.name, metrics[ev.name]["accuracy"])
 
+    timer.add("evaluation", time.perf_counter() - eval_start - (timer.seconds["datasets"] - built))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if resumed:
         train_info, train_s = previous["train"], previous["timings"]["train_s"]
@@ -457,11 +483,14 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
             epoch_losses=result.epoch_losses, learning_rates=result.learning_rates, fit=result.fit)
         train_s = result.seconds
     evals = [e.__dict__ for e in spec.evals]
-    stored = per_image.relative_path(spec) if output is not None else None
-    if stored is not None and (kept or Path(output, stored).is_file()):
-        per_image.write(Path(output) / stored, kept)  # added to an earlier file of the run
-    else:
-        stored = None
+    with timer("writing"):
+        stored = per_image.relative_path(spec) if output is not None else None
+        if stored is not None and (kept or Path(output, stored).is_file()):
+            per_image.write(Path(output) / stored, kept)  # added to an earlier file of the run
+        else:
+            stored = None
+        software, revision = records.software_versions(), records.code_revision()
+    total_s = time.perf_counter() - t0
     return records.finished(
         spec, method_version=info.version, world=world,
         evals=records.merge_evals(previous.get("evals", []), evals) if resumed else evals,
@@ -469,10 +498,9 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         compute={"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                  "precision_requested": requested, "precision": precision, "trainable_params": n_trainable,
                  "peak_memory_bytes": peak},
-        timings={"train_s": train_s, "total_s": time.perf_counter() - t0, "started": started,
-                 "finished": time.time()},
-        effective_input_size=list(cfg.INPUT.SIZE), software=records.software_versions(),
-        code_revision=records.code_revision(),
+        timings={"train_s": train_s, "total_s": total_s, "started": started, "finished": time.time(),
+                 "stages": timer.finish(total_s, stages.take_imports())},
+        effective_input_size=list(cfg.INPUT.SIZE), software=software, code_revision=revision,
         checkpoint=str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None,
         resumed_from_checkpoint=resumed, predictions=stored)
 

@@ -90,6 +90,10 @@ class DatasetSplits:
     # reference code derives the classes from the training labels, base/new subsampling
     # leaves these classes (and their test images) out; the run warns and records them.
     classes_without_training_images: dict[str, int] = field(default_factory=dict)
+    # every class of the dataset by label, before base/new subsampling (train, val and test
+    # lists together, as the LASP code's ``get_all_classnames``): the names a method may use
+    # without their images (LASP-V's virtual classes)
+    all_classnames: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

@@ -123,6 +123,7 @@ def build_dataset(
         if num_shots >= 1:
             train, val, result.fewshot_cache = _fewshot(spec, dataset_dir, train, val, num_shots, seed,
                                                         write_cache=write_caches)
+        result.all_classnames = list(label_names([*train, *val, *test]).values())
         if spec.val_is_test:
             train, test = subsample_classes(train, test, subsample=subsample)
             val = test
@@ -130,6 +131,8 @@ def build_dataset(
             train, val, test = subsample_classes(train, val, test, subsample=subsample)
         result.train, result.val, result.test = train, val, test
     result.classnames = list(label_names(result.train).values())
+    if spec.test_only:
+        result.all_classnames = list(result.classnames)
     return result
 
 

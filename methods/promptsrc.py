@@ -179,6 +179,7 @@ class _OfficialLayout:
     defaults=dict(N_CTX_VISION=4, N_CTX_TEXT=4, CTX_INIT="a photo of a", PREC="fp16",
                   PROMPT_DEPTH_VISION=9, PROMPT_DEPTH_TEXT=9, TEXT_LOSS_WEIGHT=25,
                   IMAGE_LOSS_WEIGHT=10, GPA_MEAN=15, GPA_STD=1),
+    epoch_options=("GPA_MEAN", "GPA_STD"),
     paper="Self-regulating Prompts: Foundational Model Adaptation without Forgetting (ICCV 2023)",
     paper_name="PromptSRC", code="the PromptSRC code base, trainers/promptsrc.py")
 class PromptSRC(Method):

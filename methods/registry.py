@@ -70,6 +70,10 @@ class MethodInfo:
     # options added after records existed, with the value that gives the earlier computation:
     # at that value they are left out of a run's identity, so earlier records stay finished
     neutral: dict = field(default_factory=dict)
+    # options counted in epochs of the schedule (e.g. PromptSRC's Gaussian over epochs): where
+    # a schedule is shortened (the toy world's rule, benchmark.protocols.toy_epochs) they are
+    # scaled with it, so that they keep their place in training
+    epoch_options: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -78,7 +82,8 @@ _LOADED = False
 
 def register_method(name: str, *, node: str | None = None, defaults: dict | None = None,
                     paper: str = "", paper_name: str = "", code: str = "",
-                    version: int = 1, neutral: dict | None = None) -> Callable[[type], type]:
+                    version: int = 1, neutral: dict | None = None,
+                    epoch_options: Sequence[str] = ()) -> Callable[[type], type]:
     """Class decorator adding a method to the registry under ``name``.  ``neutral``: options
     (keys of ``defaults``) added later, with the value that reproduces the computation of
     records made before them; at that value they do not enter a run's identity."""
@@ -92,7 +97,8 @@ def register_method(name: str, *, node: str | None = None, defaults: dict | None
         _REGISTRY[name] = MethodInfo(
             name=name, cls=cls, node=node or name.upper(), defaults=dict(defaults or {}),
             paper=paper, paper_name=paper_name or name, code=code, version=version,
-            config_file=own_yaml if own_yaml.is_file() else None, neutral=dict(neutral or {}))
+            config_file=own_yaml if own_yaml.is_file() else None, neutral=dict(neutral or {}),
+            epoch_options=tuple(epoch_options))
         cls.registry_name = name
         cls.node = node or name.upper()
         return cls
@@ -275,9 +281,14 @@ class DatasetContext:
     world: str = "real"  # "real", "toy" or "synthetic"
     shots: int = 0  # training images per class of the run (0: every image)
     val_is_test: bool = False  # its validation split is its test set (ImageNet): never select on it
+    # every class of the dataset the classes above were drawn from (base-to-novel: base and
+    # novel), by label; () when not known.  For methods that use class names without images
+    # (LASP-V's virtual classes); the others ignore it
+    all_classnames: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "classnames", tuple(self.classnames))
+        object.__setattr__(self, "all_classnames", tuple(self.all_classnames))
 
 
 class Method(nn.Module):

@@ -4,12 +4,28 @@ written on disk in the real CoOp/Dassl layout (the real loaders read them)."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 
 from benchmark.backbone import load_clip
 
 B2N_TEST_DATASETS = ["oxford_pets", "eurosat"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _world_cache(tmp_path_factory):
+    """The built-in worlds of the whole session are written once, in a folder of the
+    session (never in the user's cache)."""
+    from datasets.worlds import WORLDS_ENV
+
+    saved = os.environ.get(WORLDS_ENV)
+    os.environ[WORLDS_ENV] = str(tmp_path_factory.mktemp("worlds"))
+    yield
+    if saved is None:
+        os.environ.pop(WORLDS_ENV, None)
+    else:
+        os.environ[WORLDS_ENV] = saved
 
 
 @pytest.fixture(scope="session")

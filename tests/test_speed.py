@@ -208,7 +208,8 @@ def test_bench_command_measures_every_fast_path_and_saves_json_and_markdown(tmp_
     from benchmark.cli import main
 
     args = ["bench", "--methods", "mma,zsclip", "--classes", "4", "--test-per-class", "2", "--text-classes", "12",
-            "--repeats", "1", "--steps", "1", "--epochs", "1", "--device", "cpu", "--output", str(tmp_path)]
+            "--repeats", "1", "--steps", "1", "--epochs", "1", "--device", "cpu", "--toy-dataset", "none",
+            "--output", str(tmp_path)]  # the toy-world section: tests/test_stages.py
     assert main(args) == 0
     (saved,) = (tmp_path / "bench").glob("*.json")
     result = json.loads(saved.read_text())

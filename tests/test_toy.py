@@ -41,3 +41,20 @@ def test_held_out_compositions_only_in_the_novel_slot():
     seen = {tuple(d.values()) for d in tasks["imagenet"].fixed + tasks["food101"].fixed}
     assert novel and novel <= W.HELD_OUT
     assert not seen & W.HELD_OUT
+
+
+def test_class_counts_spread_and_full_grids_share_attribute_values_between_base_and_novel():
+    tasks = build_tasks()
+    counts = {slot: len(task.names) for slot, task in tasks.items()}
+    assert len(set(counts.values())) >= 5 and min(counts.values()) <= 12 and max(counts.values()) >= 40
+    for many in ("imagenet", "sun397", "stanford_cars"):  # many classes, as the real datasets have
+        assert counts[many] >= 40, counts
+    assert counts["eurosat"] == 10
+    for task in tasks.values():
+        assert len(set(task.names)) == len(task.names)  # no class twice
+    for slot in ("caltech101", "oxford_pets", "stanford_cars", "sun397", "dtd"):
+        fixed = tasks[slot].fixed
+        half = (len(fixed) + 1) // 2
+        for key in fixed[0]:
+            base, novel = {f[key] for f in fixed[:half]}, {f[key] for f in fixed[half:]}
+            assert novel <= base, (slot, key, novel - base)

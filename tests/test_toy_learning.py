@@ -10,9 +10,10 @@ import pytest
 
 from benchmark import cli, store
 from benchmark.backbone import WEIGHTS_DIR
-from datasets.toy import build_tasks, write_toy_root
+from benchmark.protocols import toy_epochs
+from datasets.toy import build_tasks, train_size, write_toy_root
 
-SLOTS = ["caltech101", "ucf101", "eurosat", "fgvc_aircraft"]
+SLOTS = ["caltech101", "ucf101", "eurosat", "sun397"]
 SIZES = {"train": 16, "val": 2, "test": 12}
 
 
@@ -47,8 +48,8 @@ def test_zero_shot_transfers_to_unseen_labels_and_trained_methods_beat_it(toy_ro
     records = _records(toy_root, tmp_path / "zs", "zsclip", ",".join(SLOTS))
     assert all(r["world"] == "toy" and r["backbone"] == "toy-clip" for r in records.values())
     tasks = build_tasks()
-    # shapes, and colour-shape pairs that pre-training never showed (drawn pixelated, a
-    # style it never saw): far above chance on the base and the novel half
+    # pattern-shape classes in hue-rotated photos, and colour-shape pairs that pre-training
+    # never showed (washed-out paintings and pixel art): far above chance on the novel half
     for slot in ("caltech101", "ucf101"):
         n_novel = len(tasks[slot].names) - (len(tasks[slot].names) + 1) // 2
         novel = records[("zsclip", slot)]["metrics"]["novel"]
@@ -62,28 +63,32 @@ def test_zero_shot_transfers_to_unseen_labels_and_trained_methods_beat_it(toy_ro
     losses = mma["train"]["epoch_losses"]
     assert min(losses[-3:]) < losses[0]
 
-    # CoOp (the toy variant of its schedule) on noisy fine-grained scenes
-    coop = _records(toy_root, tmp_path / "coop", "coop", "fgvc_aircraft")[("coop", "fgvc_aircraft")]
-    assert coop["config"]["OPTIM"]["MAX_EPOCH"] == 25  # the toy world's variant, recorded
-    zs = records[("zsclip", "fgvc_aircraft")]
-    assert coop["metrics"]["base"]["accuracy"] >= zs["metrics"]["base"]["accuracy"] + 5, (coop["metrics"], zs["metrics"])
+    # CoOp (its official 200 epochs cut by the toy world's schedule rule) on washed-out scenes
+    coop = _records(toy_root, tmp_path / "coop", "coop", "sun397")[("coop", "sun397")]
+    rule = toy_epochs(200, 1, train_size(toy_root, "sun397", 16, "base"), 32)
+    assert coop["config"]["OPTIM"]["MAX_EPOCH"] == rule < 200  # the rule's schedule, recorded
+    zs = records[("zsclip", "sun397")]
+    assert coop["metrics"]["base"]["accuracy"] >= zs["metrics"]["base"]["accuracy"] + 10, (coop["metrics"], zs["metrics"])
     assert coop["train"]["epoch_losses"][-1] < coop["train"]["epoch_losses"][0]
 
-    # CoCoOp (official settings: batch 1, 10 epochs) on the same slot
-    cocoop = _records(toy_root, tmp_path / "cocoop", "cocoop", "fgvc_aircraft")[("cocoop", "fgvc_aircraft")]
-    assert cocoop["metrics"]["base"]["accuracy"] >= zs["metrics"]["base"]["accuracy"] + 4, (cocoop["metrics"], zs["metrics"])
+    # CoCoOp (official settings: batch 1, 10 epochs, cut by the rule) on the same slot
+    cocoop = _records(toy_root, tmp_path / "cocoop", "cocoop", "sun397")[("cocoop", "sun397")]
+    assert cocoop["metrics"]["base"]["accuracy"] >= zs["metrics"]["base"]["accuracy"] + 10, (cocoop["metrics"], zs["metrics"])
     assert cocoop["train"]["epoch_losses"][-1] < cocoop["train"]["epoch_losses"][0]
 
 
 
 @pytest.mark.slow
 def test_every_other_baseline_beats_zero_shot_on_its_base_classes(toy_root, tmp_path):
-    """Each baseline with its configs (the toy variants where a schedule is too long for a
-    CPU) on the inverted-colour eurosat slot, where zero-shot is weak; KgCoOp on the noisy
-    fine-grained slot, where its pull towards the hand-written prompt still leaves room."""
-    zs = _records(toy_root, tmp_path / "zs", "zsclip", "eurosat,fgvc_aircraft")
+    """Each baseline with its official configs (schedules cut by the toy world's rule) on the
+    inverted-colour eurosat slot, where zero-shot is weak; KgCoOp on the washed-out sun397
+    slot, where its pull towards the hand-written prompt still leaves room."""
+    zs = _records(toy_root, tmp_path / "zs", "zsclip", "eurosat,sun397")
     methods = ["maple", "clip_adapter", "tip_adapter", "tip_adapter_f", "linear_probe", "promptsrc"]
-    records = _records(toy_root, tmp_path / "eurosat", ",".join(methods), "eurosat")
+    records = _records(toy_root, tmp_path / "eurosat", ",".join(m for m in methods if m != "clip_adapter"), "eurosat")
+    # CLIP-Adapter's residual adapter does not move its predictions in the rule's 100 steps
+    # (README: where the toy world disagrees); with its own 200 epochs it learns
+    records.update(_records(toy_root, tmp_path / "adapter", "clip_adapter", "eurosat", "OPTIM.MAX_EPOCH", "200"))
     zs_base = zs[("zsclip", "eurosat")]["metrics"]["base"]["accuracy"]
     for name in methods:
         base = records[(name, "eurosat")]["metrics"]["base"]["accuracy"]
@@ -94,7 +99,7 @@ def test_every_other_baseline_beats_zero_shot_on_its_base_classes(toy_root, tmp_
         assert records[(name, "eurosat")]["metrics"]["novel"]["n_correct"] == zs_novel["n_correct"]
     assert records[("linear_probe", "eurosat")]["metrics"]["novel"]["status"] == "not_applicable"
 
-    kgcoop = _records(toy_root, tmp_path / "kgcoop", "kgcoop", "fgvc_aircraft")[("kgcoop", "fgvc_aircraft")]
-    zs_fgvc = zs[("zsclip", "fgvc_aircraft")]["metrics"]["base"]["accuracy"]
-    assert kgcoop["metrics"]["base"]["accuracy"] >= zs_fgvc + 5, (kgcoop["metrics"], zs_fgvc)
+    kgcoop = _records(toy_root, tmp_path / "kgcoop", "kgcoop", "sun397")[("kgcoop", "sun397")]
+    zs_sun = zs[("zsclip", "sun397")]["metrics"]["base"]["accuracy"]
+    assert kgcoop["metrics"]["base"]["accuracy"] >= zs_sun + 8, (kgcoop["metrics"], zs_sun)
     assert kgcoop["train"]["epoch_losses"][-1] < kgcoop["train"]["epoch_losses"][0]
