@@ -10,6 +10,7 @@ lets a sweep's worker process (``executors/local.py``) end with its sweep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -129,8 +130,37 @@ class QuietLoader(DataLoader):
     def _get_iterator(self):
         if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
             return super()._get_iterator()
-        saved = signal.pthread_sigmask(signal.SIG_BLOCK, _SWEEP_SIGNALS)
-        try:
-            return super()._get_iterator()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+        with _signals_deferred():
+            saved = signal.pthread_sigmask(signal.SIG_BLOCK, _SWEEP_SIGNALS)
+            try:
+                return super()._get_iterator()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """The sweep's signals that arrive while a loader starts its workers are handled once the
+    iterator is whole.  Blocking them in this thread is not enough: another thread of the
+    process (the live progress display) may take a process-wide signal, and its Python
+    handler then raises in this thread, half-way through the iterator's construction, whose
+    clean-up then fails noisily.  Here the handlers only note the signal meanwhile; the
+    first one noted is passed to the handler it would have met, after the iterator is built
+    (which the exception then discards and shuts down in full)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
+                for signum in _SWEEP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if noted:
+        handler = previous[noted[0]]
+        if callable(handler):
+            handler(noted[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), noted[0])

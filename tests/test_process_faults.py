@@ -13,10 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark import store
 from datasets import build_dataset
@@ -237,3 +239,57 @@ def test_kill_9_of_a_sweep_with_workers_ends_every_process_of_it_within_seconds(
     finally:
         _kill_session(proc.pid)
         proc.stdout.close()
+
+
+class _SignalOnStart(torch.utils.data.Sampler):
+    """A sampler that sends this process SIGTERM while the loader's iterator is being built
+    (the iterator asks for the sampler's iterator before it starts its workers)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.finished = False  # its __iter__ ran to its end (not cut by the signal's handler)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler would run here, inside the iterator's construction
+        self.finished = True
+        return iter(range(self.n))
+
+
+@linux_only
+def test_a_signal_while_loader_workers_start_interrupts_after_the_iterator_is_whole(capfd):
+    """The race seen in CI: a signal taken while a loader starts its workers.  It must end the
+    sweep as an interrupt once the iterator is whole, not leave a half-built iterator whose
+    clean-up prints a traceback."""
+    import gc
+
+    from benchmark.workers import QuietLoader
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    saved = signal.signal(signal.SIGTERM, interrupt)
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, daemon=True)  # a thread that does not block the signal,
+    other.start()  # as the live progress display's: the kernel hands the signal to it
+    try:
+        sampler = _SignalOnStart(8)
+        loader = QuietLoader(list(range(8)), batch_size=2, sampler=sampler, num_workers=2)
+        caught = ""
+        try:
+            iter(loader)
+        except KeyboardInterrupt as exc:  # not kept: the traceback would keep the iterator alive
+            caught = str(exc)
+        done.set()
+        assert caught == "signal 15" and sampler.finished  # interrupted once the iterator was whole
+        assert signal.getsignal(signal.SIGTERM) is interrupt  # the sweep's handler is back
+        gc.collect()  # a half-built iterator would now print its failed clean-up
+        assert list(QuietLoader(list(range(4)), batch_size=2, num_workers=2)) != []  # loaders still work
+    finally:
+        done.set()
+        signal.signal(signal.SIGTERM, saved)
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err, err
