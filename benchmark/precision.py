@@ -56,3 +56,16 @@ def autocast(device: torch.device, precision: str, training: bool):
 def grad_scaler(precision: str) -> torch.amp.GradScaler | None:
     """The GradScaler of amp training steps (none for the other modes)."""
     return torch.amp.GradScaler("cuda") if precision == "amp" else None
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward and one update, through the GradScaler under amp (as the reference trainers)."""
+    optimizer.zero_grad()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()

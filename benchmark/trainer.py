@@ -36,7 +36,7 @@ from benchmark.backbone import clip_copy, resolve_device  # noqa: E402
 from benchmark.loaders import (  # noqa: E402
     EvalInputs, eval_inputs, image_batches, image_loader, test_loader, train_loader)
 from benchmark.models import dataset_context, input_size, prepare_model  # noqa: E402
-from benchmark.precision import autocast, grad_scaler  # noqa: E402
+from benchmark.precision import autocast, grad_scaler, optimizer_step  # noqa: E402
 from benchmark.protocols import RunSpec, config_node  # noqa: E402
 from datasets.base import Datum, generate_fewshot  # noqa: E402
 from datasets.build import build_dataset  # noqa: E402
@@ -216,19 +216,6 @@ class FitContext:
         cache when the method's image tower is frozen (``frozen_image_features``)."""
         return image_features(model, data, eval_inputs(model, self.cfg, self.device, self.backbone_id),
                               self.precision)
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward and one update, through the GradScaler under amp (as the reference trainers)."""
-    optimizer.zero_grad()
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
 
 
 def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, precision: str,

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
+from benchmark.precision import optimizer_step
 from methods.registry import Method, MethodError, TrainingError, register_method
 
 log = logging.getLogger(__name__)
@@ -324,14 +325,7 @@ class CLIPLoRA(Method):
                 if not torch.isfinite(loss):
                     raise TrainingError(f"CLIP-LoRA loss is {loss.item()} at iteration {count + 1}; use PREC fp32.",
                                         kind="non_finite_loss", step=count + 1, loss=str(loss.item()))
-                optimizer.zero_grad()
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                optimizer_step(loss, optimizer, scaler)
                 scheduler.step()  # every iteration, also those the scaler skips
                 summed += loss.item() * target.shape[0]
                 seen += target.shape[0]
