@@ -80,19 +80,11 @@ def published_averages(paper: pd.DataFrame, protocol: str) -> dict[str, float]:
     return {str(m).lower(): float(v) for m, v in zip(rows["method"], rows[column]) if np.isfinite(float(v))}
 
 
-def paper_name(method: str) -> str:
-    """The method's spelling in the published tables (the registry's ``paper_name``)."""
-    from methods.registry import get_method
-
-    try:
-        return get_method(method).paper_name
-    except ValueError:
-        return method
-
-
 def rank_agreement(table: pd.DataFrame, paper: pd.DataFrame, protocol: str) -> Agreement | None:
     """Spearman's rho between our and the published averages, or None where fewer than
     ``MIN_METHODS`` methods have both (or the protocol has no published average)."""
+    from methods.registry import paper_name
+
     if protocol not in PROTOCOLS:
         return None
     ours, published = our_averages(table, protocol), published_averages(paper, protocol)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark import records as R
+from methods.registry import paper_name
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 
@@ -41,15 +42,6 @@ def _hm(base, novel):
     base, novel = np.asarray(base, dtype=float), np.asarray(novel, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(base + novel > 0, 2 * base * novel / (base + novel), np.nan)
-
-
-def paper_name(method: str) -> str:
-    from methods.registry import get_method
-
-    try:
-        return get_method(method).paper_name
-    except ValueError:
-        return method
 
 
 def load_paper(protocol: str, paper_dir: Path = PAPER_DIR) -> pd.DataFrame:

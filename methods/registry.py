@@ -147,6 +147,15 @@ def get_method(name: str) -> MethodInfo:
     return _REGISTRY[name]
 
 
+def paper_name(name: str) -> str:
+    """The method's spelling in the published tables (``MethodInfo.paper_name``); a name
+    that is not registered (records of a removed plugin) as it is."""
+    try:
+        return get_method(name).paper_name
+    except ValueError:
+        return name
+
+
 def add_method_defaults(cfg: CN) -> None:
     """Add every registered method's TRAINER.<NODE> defaults to cfg (before merging YAML)."""
     load_plugins()
