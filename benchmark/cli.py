@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--gpus", type=_ints, default=None,
                        help="local: one worker process per listed GPU, e.g. --gpus 0,1,2,3 (default: every visible "
                             "GPU when there are several; --device cuda:0 runs one after another on one GPU)")
-    scale.add_argument("--workers", type=int, default=1,
+    scale.add_argument("--workers", type=int, default=None,
                        help="local: worker processes (per GPU with --gpus, else on the CPU), e.g. --workers 4 "
-                            "(default 1: in this process)")
+                            "(default: in the toy and synthetic worlds on the CPU, one single-thread process per "
+                            "CPU core; otherwise 1, in this process)")
     scale.add_argument("--ray-address", default=None,
                        help="ray: join this Ray cluster instead of starting a local Ray instance, e.g. "
                             "--ray-address auto (a cluster started on this machine) or ray://head-node:10001")
@@ -351,7 +352,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     from benchmark.executors import get_executor
+    from benchmark.executors.local import default_workers
 
+    if args.executor == "local" and args.workers is None and args.gpus is None:
+        executor_options["workers"] = default_workers(
+            tiny_model=world != "real" and args.clip is None,
+            on_cpu=B.resolve_device(args.device).type == "cpu", runs=len(specs))
+        if executor_options["workers"] > 1:
+            console.print(f"{executor_options['workers']} worker processes, one per CPU core "
+                          "(--workers 1: everything in this process).")
     with get_executor(args.executor, **executor_options) as executor, \
             sweep_display(executor.name) as (progress, run_progress):
         summary = run_sweep(specs, args.output, executor=executor, device=args.device, force=args.force,

@@ -130,8 +130,7 @@ def run_one(spec: dict, output: str, options: RunOptions, progress: Progress | N
     run = spec_from_dict(spec)
     t0 = time.perf_counter()
     try:
-        lock = store.acquire_lock(store.lock_path(output, run), sweep=options.sweep_id,
-                                  stale_after=options.stale_lock_s)
+        lock = _take_lock(output, run, options)
     except store.LockHeld as held:
         return _outcome(run, "elsewhere", str(held))
     with lock, _run_log(store.log_path(output, run)):
@@ -209,12 +208,31 @@ def plugin_paths(plugins: Sequence[str]) -> tuple[str, ...]:
     return tuple(folders)
 
 
+# a killed attempt's sockets close before the kernel marks its process gone, so its
+# executor can report it (and start the next attempt) while its lock still looks held
+KILLED_ATTEMPT_EXIT_S = 10.0
+
+
+def _take_lock(output: str | Path, spec: RunSpec, options: RunOptions) -> store.RunLock:
+    """The run's lock; a lock of this same sweep (an earlier attempt of the run, killed and
+    still exiting) is waited for, up to ``KILLED_ATTEMPT_EXIT_S``; another sweep's lock
+    raises ``LockHeld`` at once."""
+    deadline = time.monotonic() + KILLED_ATTEMPT_EXIT_S
+    while True:
+        try:
+            return store.acquire_lock(store.lock_path(output, spec), sweep=options.sweep_id,
+                                      stale_after=options.stale_lock_s)
+        except store.LockHeld as held:
+            if not options.sweep_id or held.holder.get("sweep") != options.sweep_id or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _record_lost(output: str | Path, spec: RunSpec, error: str, options: RunOptions) -> None:
     """Write the failure record of a run whose worker never reported back, unless another
     sweep runs it now or a successful record exists."""
     try:
-        lock = store.acquire_lock(store.lock_path(output, spec), sweep=options.sweep_id,
-                                  stale_after=options.stale_lock_s)
+        lock = _take_lock(output, spec, options)
     except store.LockHeld:
         return
     with lock:

@@ -13,14 +13,38 @@ from benchmark.backbone import load_clip
 B2N_TEST_DATASETS = ["oxford_pets", "eurosat"]
 
 
+def _test_workers() -> int:
+    """How many processes run the tests (``-n`` of the parallel runner; 1 without it)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+
+
+def pytest_configure(config):
+    """Parallel test processes share the CPU cores: each gets its share of the threads,
+    and so do the processes the tests start (``OMP_NUM_THREADS``)."""
+    workers = _test_workers()
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _world_cache(tmp_path_factory):
     """The built-in worlds of the whole session are written once, in a folder of the
-    session (never in the user's cache)."""
+    session (never in the user's cache); parallel test processes share that folder (the
+    worlds are written under a lock and renamed into place)."""
     from datasets.worlds import WORLDS_ENV
 
     saved = os.environ.get(WORLDS_ENV)
-    os.environ[WORLDS_ENV] = str(tmp_path_factory.mktemp("worlds"))
+    if _test_workers() > 1:  # every process's base folder lies in the session's
+        shared = tmp_path_factory.getbasetemp().parent / "worlds"
+        shared.mkdir(exist_ok=True)
+        os.environ[WORLDS_ENV] = str(shared)
+    else:
+        os.environ[WORLDS_ENV] = str(tmp_path_factory.mktemp("worlds"))
     yield
     if saved is None:
         os.environ.pop(WORLDS_ENV, None)

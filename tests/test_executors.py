@@ -162,6 +162,7 @@ def _check_killed_sweep(out: Path, reference: dict, text: str, *, always: bool =
         _same(records[method], reference[method])
     assert records["killonce"]["status"] == "ok" and _attempts(out, "killonce") == 2  # killed, retried, done
     if always:
+        assert "killalways" in records, (text, sorted(p.name for p in out.rglob("*")))
         failed = records["killalways"]
         assert failed["status"] == "failed" and _attempts(out, "killalways") == 2  # 1 + --max-retries 1
         assert "killalways" in text and "3 done, 0 already finished, 1 failed" in " ".join(text.split())
@@ -344,3 +345,59 @@ def test_options_of_another_executor_are_refused(capsys):
     assert "--workers is an option of --executor local" in capsys.readouterr().out
     assert main(["run", "--slurm-time", "10", "--dry-run"]) == 2
     assert "--slurm-time is an option of --executor slurm" in capsys.readouterr().out
+
+
+def test_default_workers_one_single_thread_process_per_core_for_the_built_in_worlds_on_the_cpu():
+    from benchmark.executors.local import default_workers
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_workers(tiny_model=True, on_cpu=True, runs=1000) == cores
+    assert default_workers(tiny_model=True, on_cpu=True, runs=1) == 1  # one run: no process to start
+    assert default_workers(tiny_model=True, on_cpu=True, runs=2) == min(cores, 2)
+    assert default_workers(tiny_model=False, on_cpu=True, runs=1000) == 1  # real weights: all threads, one copy
+    assert default_workers(tiny_model=True, on_cpu=False, runs=1000) == 1  # a GPU: per-GPU rules
+
+
+def test_the_built_in_world_without_workers_uses_every_core_and_gives_the_records_of_one_process(tmp_path, capsys):
+    """The default command's path: no --workers, no --clip, the synthetic world on the CPU."""
+    args = ["--world", "synthetic", "--methods", "zsclip,linear_probe", "--datasets", "eurosat", "--seeds", "1",
+            "--device", "cpu", "--opts", "OPTIM.MAX_EPOCH", "1"]
+    assert main(["run", *args, "--output", str(tmp_path / "default")]) == 0
+    text = capsys.readouterr().out
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert (f"{min(cores, 2)} worker processes, one per CPU core" in text) == (cores > 1), text
+    assert main(["run", *args, "--workers", "1", "--output", str(tmp_path / "one")]) == 0
+    default, one = _records(tmp_path / "default"), _records(tmp_path / "one")
+    assert set(default) == set(one) == {"zsclip", "linear_probe"}
+    for method, record in default.items():  # one thread everywhere in this module: the same numbers
+        _same(record, one[method])
+
+
+def test_a_killed_attempt_still_exiting_is_waited_for_and_another_sweeps_lock_is_not(synthetic_root, tmp_path):
+    """An executor reports a killed attempt (and starts the next one, or records the loss)
+    when its sockets close, which can be before its process is gone: the lock it left,
+    held in this sweep's name by a live process, is waited for; another sweep's is not."""
+    import socket
+
+    from benchmark.sweep import RunOptions, run_one
+
+    spec = protocols.base2novel(["zsclip"], ["eurosat"], [1], 16, root=str(synthetic_root), backbone="tiny-clip-12",
+                                backbone_id="tiny")[0]
+    out = tmp_path / "out"
+    lock = store.lock_path(out, spec)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for sweep, expected in (("other", "elsewhere"), ("this", "ok")):
+        exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": exiting.pid, "started": time.time(),
+                                    "sweep": sweep, "token": sweep}))
+        start = time.monotonic()
+        outcome = run_one(spec.to_dict(), str(out), RunOptions(device="cpu", sweep_id="this"))
+        waited = time.monotonic() - start
+        exiting.wait()
+        assert outcome["status"] == expected, outcome
+        if expected == "elsewhere":  # another live sweep's run: left to it at once
+            assert waited < 1.5 and lock.exists()
+            lock.unlink()
+        else:  # this sweep's earlier attempt: run once its process is gone
+            assert exiting.returncode == 0 and not lock.exists()
+            assert store.is_finished(out, spec)

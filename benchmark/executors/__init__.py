@@ -55,7 +55,7 @@ __all__ = ["EXECUTORS", "Executor", "ExecutorUnavailable", "LocalExecutor", "get
 def options_from_args(args) -> dict:
     """The chosen executor's options from the run command's; options of another executor
     and a missing optional package (Ray, submitit) are errors before any work."""
-    given = {"--gpus": args.gpus is not None, "--workers": args.workers != 1,
+    given = {"--gpus": args.gpus is not None, "--workers": args.workers is not None,
              "--ray-address": args.ray_address is not None,
              **{f"--slurm-{name.replace('_', '-')}": getattr(args, f"slurm_{name}") is not None
                 for name in ("partition", "time", "gpus", "cpus", "mem", "array_parallelism", "config", "cluster")}}
@@ -69,7 +69,7 @@ def options_from_args(args) -> dict:
         raise ValueError(f"--stale-lock-minutes must be positive; got {args.stale_lock_minutes}.")
     options = {"device": args.device, "max_retries": args.max_retries}
     if args.executor == "local":
-        options.update(gpus=args.gpus, workers=args.workers)
+        options.update(gpus=args.gpus, workers=1 if args.workers is None else args.workers)
     elif args.executor == "ray":
         options.update(address=args.ray_address)
     else:

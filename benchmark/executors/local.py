@@ -64,6 +64,19 @@ def worker_slots(gpus: Sequence[int] | None, workers: int, device: str | None) -
     return [None] * workers if workers > 1 else []
 
 
+def default_workers(*, tiny_model: bool, on_cpu: bool, runs: int) -> int:
+    """``--workers`` when it is not given.  The toy and synthetic worlds' CLIPs are so small
+    that a training step is bound by the count of operations, not by arithmetic, so a second
+    thread in one process gains far less than a second process: on the CPU they get one
+    single-thread worker process per CPU core (at most one per run).  Everything else runs
+    in this process (a GPU, or real CLIP weights on the CPU, whose large products use every
+    thread well and whose copies would fill the memory)."""
+    if not (tiny_model and on_cpu) or runs < 2:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, runs))
+
+
 @dataclass
 class _Worker:
     slot: str | None
