@@ -31,6 +31,19 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The modules with slow end-to-end tests first, and those tests first in their module
+    (each module's tests stay together, so its fixtures are built once per process):
+    parallel test processes then end together instead of one running the longest tests
+    while the other idles."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    first_seen = {}
+    for item in items:
+        first_seen.setdefault(item.module.__name__, len(first_seen))
+    items.sort(key=lambda item: (item.module.__name__ not in slow, first_seen[item.module.__name__],
+                                 item.get_closest_marker("slow") is None))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _world_cache(tmp_path_factory):
     """The built-in worlds of the whole session are written once, in a folder of the

@@ -184,6 +184,7 @@ def test_worker_processes_match_in_process_and_retry_a_killed_worker(reference, 
     assert "0 done, 3 already finished, 0 failed" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_ray_matches_in_process_and_retries_a_killed_worker(reference, ray_instance, synthetic_root, tmp_path,
                                                            capsys):
     out = tmp_path / "ray"
@@ -196,6 +197,7 @@ def test_ray_matches_in_process_and_retries_a_killed_worker(reference, ray_insta
     assert ray_instance.is_initialized()  # a Ray instance the sweep did not start is left running
 
 
+@pytest.mark.slow
 def test_submitit_local_cluster_matches_in_process_and_resubmits_a_killed_job(reference, synthetic_root, tmp_path,
                                                                              capsys):
     pytest.importorskip("submitit")
@@ -211,6 +213,7 @@ def test_submitit_local_cluster_matches_in_process_and_resubmits_a_killed_job(re
     assert len(logs) == 4  # three jobs and the resubmitted one, one log each
 
 
+@pytest.mark.slow
 def test_two_sweeps_at_once_run_each_run_once(plugin, synthetic_root, tmp_path):
     out = tmp_path / "shared"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]))

@@ -25,8 +25,9 @@ def toy_root(tmp_path_factory):
 
 
 def _records(root, out, methods, datasets, *opts):
+    # in this process: a handful of runs does not pay for starting worker processes
     args = ["run", "--methods", methods, "--datasets", datasets, "--seeds", "1", "--root", str(root),
-            "--output", str(out)]
+            "--output", str(out), "--workers", "1"]
     if opts:
         args += ["--opts", *opts]
     assert cli.main(args) == 0
