@@ -25,8 +25,9 @@ def pytest_configure(config):
     if workers > 1:
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // workers)
+        from benchmark.executors.local import usable_cores
+
+        threads = max(1, usable_cores() // workers)
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 

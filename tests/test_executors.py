@@ -351,9 +351,9 @@ def test_options_of_another_executor_are_refused(capsys):
 
 
 def test_default_workers_one_single_thread_process_per_core_for_the_built_in_worlds_on_the_cpu():
-    from benchmark.executors.local import default_workers
+    from benchmark.executors.local import default_workers, usable_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     assert default_workers(tiny_model=True, on_cpu=True, runs=1000) == cores
     assert default_workers(tiny_model=True, on_cpu=True, runs=1) == 1  # one run: no process to start
     assert default_workers(tiny_model=True, on_cpu=True, runs=2) == min(cores, 2)
@@ -367,7 +367,9 @@ def test_the_built_in_world_without_workers_uses_every_core_and_gives_the_record
             "--device", "cpu", "--opts", "OPTIM.MAX_EPOCH", "1"]
     assert main(["run", *args, "--output", str(tmp_path / "default")]) == 0
     text = capsys.readouterr().out
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from benchmark.executors.local import usable_cores
+
+    cores = usable_cores()
     assert (f"{min(cores, 2)} worker processes, one per CPU core" in text) == (cores > 1), text
     assert main(["run", *args, "--workers", "1", "--output", str(tmp_path / "one")]) == 0
     default, one = _records(tmp_path / "default"), _records(tmp_path / "one")

@@ -64,6 +64,11 @@ def worker_slots(gpus: Sequence[int] | None, workers: int, device: str | None) -
     return [None] * workers if workers > 1 else []
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(*, tiny_model: bool, on_cpu: bool, runs: int) -> int:
     """``--workers`` when it is not given.  The toy and synthetic worlds' CLIPs are so small
     that a training step is bound by the count of operations, not by arithmetic, so a second
@@ -73,8 +78,7 @@ def default_workers(*, tiny_model: bool, on_cpu: bool, runs: int) -> int:
     thread well and whose copies would fill the memory)."""
     if not (tiny_model and on_cpu) or runs < 2:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, runs))
+    return max(1, min(usable_cores(), runs))
 
 
 @dataclass
@@ -172,7 +176,7 @@ class LocalExecutor(Executor):
         chosen = os.environ.get("OMP_NUM_THREADS", "")
         if chosen.isdigit() and int(chosen) > 0:
             return int(chosen)  # the user chose (set explicitly: a pre-started process may not have read it)
-        return max(1, (os.cpu_count() or 1) // len(self.slots))
+        return max(1, usable_cores() // len(self.slots))
 
     def _start(self, ctx, slot: str | None) -> _Worker:
         parent, child = ctx.Pipe()
