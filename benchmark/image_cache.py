@@ -44,7 +44,7 @@ from torchvision import transforms as T
 from benchmark.files import atomic_path, write_json_atomic
 from benchmark.images import ImageReadError, open_image
 from benchmark.transforms import build_test_transform
-from benchmark.workers import QuietLoader
+from benchmark.workers import QuietLoader, worker_count
 from datasets.base import Datum
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,6 @@ def _stack(arrays: list[np.ndarray | OSError]) -> np.ndarray | OSError:
     """A batch as one uint8 array, or the first read error among its images."""
     failure = next((a for a in arrays if isinstance(a, OSError)), None)
     return failure if failure is not None else np.stack(arrays)
-
-
-def _default_workers(cfg) -> int:  # as the loaders' (benchmark.loaders imports this module)
-    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
 
 
 def _remove_stale_tmp(folder: Path, key: str) -> None:
@@ -232,7 +228,7 @@ class DecodedImages:
         if array is None:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_stale_tmp(folder, key)
-            workers = _default_workers(cfg) if num_workers is None else max(0, int(num_workers))
+            workers = worker_count(cfg) if num_workers is None else max(0, int(num_workers))
             started = time.perf_counter()
             _write_array(path, data, cfg, workers)
             write_json_atomic(path.with_suffix(".json"), meta)

@@ -20,7 +20,6 @@ An evaluation gets its inputs one of three ways, decided once where it starts
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,15 +32,10 @@ from benchmark.image_cache import DecodedImages
 from benchmark.image_memory import STORE, FastImageList, PixelsToBatch, split_transform
 from benchmark.images import ImageList
 from benchmark.transforms import build_test_transform, build_train_transform
-from benchmark.workers import QuietLoader
+from benchmark.workers import QuietLoader, worker_count
 from datasets.base import Datum
 
 EVAL_PATHS = ("features", "decoded", "files")
-
-
-def worker_count(cfg) -> int:
-    """``DATALOADER.NUM_WORKERS``, at most the machine's CPU count."""
-    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
 
 
 def image_loader(data: Sequence[Datum], cfg, device: torch.device, *, augment: bool, batch_size: int,

@@ -164,3 +164,8 @@ def _signals_deferred():
             handler(noted[0], None)
         elif handler == signal.SIG_DFL:
             os.kill(os.getpid(), noted[0])
+
+
+def worker_count(cfg) -> int:
+    """A loader's worker processes: ``DATALOADER.NUM_WORKERS``, at most the machine's CPU count."""
+    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
