@@ -94,6 +94,7 @@ def get_cfg_default() -> CN:
     cfg.SPEED = CN()
     cfg.SPEED.ENABLED = True  # False: every fast path off (the plain, official computation)
     cfg.SPEED.TRUNCATE_TEXT = True  # prompts cut to the longest real token sequence
+    cfg.SPEED.SHARED_PREFIX = True  # prompt positions shared by every class (CoOp's context) run once
     cfg.SPEED.FROZEN_TEXT = True  # frozen text layers below the first trained one run once per class set
     cfg.SPEED.FEATURE_CACHE = True  # test features of a frozen image encoder, on disk, shared by runs
     cfg.SPEED.IMAGE_CACHE = True  # test images decoded and cropped once into a uint8 memory map

@@ -8,6 +8,10 @@ each one against the plain path.  ``SPEED.ENABLED False`` switches them all off,
 * ``TRUNCATE_TEXT``: the text transformer is causal, so the features at the end-of-text
   token do not depend on the padding after it; prompts are cut to the longest real
   token sequence of the class set instead of 77 tokens.
+* ``SHARED_PREFIX``: for the same reason, positions that every prompt of a class set
+  shares (CoOp's, KgCoOp's and ProGrad's ``[SOS]`` and context, CoCoOp's per image) have
+  the same hidden states in every prompt; they run once and the other positions attend
+  to that copy (``methods.text_prefix``).
 * ``FROZEN_TEXT``: text layers below a method's first trained layer see a fixed input
   (MMA's hand-written prompt below its first adapter); their output is computed once
   per class set, precision and device.
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAST_PATHS = ("TRUNCATE_TEXT", "FROZEN_TEXT", "FEATURE_CACHE", "IMAGE_CACHE", "MEMORY_IMAGES", "BATCH_TENSORS")
+FAST_PATHS = ("TRUNCATE_TEXT", "SHARED_PREFIX", "FROZEN_TEXT", "FEATURE_CACHE", "IMAGE_CACHE", "MEMORY_IMAGES", "BATCH_TENSORS")
 
 
 def enabled(cfg, name: str) -> bool:

@@ -46,6 +46,11 @@ class PromptLearner(CoOpPromptLearner):
         if self.ctx.dtype == torch.float16:  # PREC fp16 on a GPU: CLIP and the context are half too
             self.meta_net.half()
 
+    def image_prefix(self, image_features: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, 1 + M, width)
+        """``[SOS]`` and each image's context, the positions all its class prompts share."""
+        ctx = self.ctx.unsqueeze(0) + self.meta_net(image_features).unsqueeze(1)
+        return torch.cat([self.token_prefix[:1].expand(ctx.shape[0], -1, -1), ctx], dim=1)
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, n_cls, L, width)
         bias = self.meta_net(image_features).unsqueeze(1)  # (B, 1, width)
         ctx = self.ctx.unsqueeze(0) + bias  # (B, M, width)
@@ -77,14 +82,15 @@ class CoCoOp(CoOp):
     def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
         image = image / image.norm(dim=-1, keepdim=True)
         learner = self.prompt_learner
-        prompts = learner(image)  # (B, n_cls, L, width)
-        batch, n_cls = prompts.shape[:2]
         tokens = learner.tokenized_prompts
+        n_cls = tokens.shape[0]
         per_pass = max(1, MAX_PROMPTS_PER_PASS // n_cls)  # images per text-encoder pass
-        text = torch.cat([
-            self.encode_prompts(chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1), class_tokens=tokens)
-            .view(chunk.shape[0], n_cls, -1)
-            for chunk in prompts.split(per_pass)
-        ])
+        prefix = learner.image_prefix(image)  # (B, 1 + M, width): [SOS] and each image's context
+        text = [self.encode_shared(chunk, learner.token_suffix, tokens) for chunk in prefix.split(per_pass)]
+        if any(part is None for part in text):
+            prompts = learner(image)  # (B, n_cls, L, width)
+            text = [self.encode_prompts(chunk.flatten(0, 1), tokens.repeat(chunk.shape[0], 1), class_tokens=tokens)
+                    for chunk in prompts.split(per_pass)]
+        text = torch.cat([part.view(-1, n_cls, part.shape[-1]) for part in text])
         text = text / text.norm(dim=-1, keepdim=True)
         return self.clip.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text)

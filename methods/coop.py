@@ -75,6 +75,14 @@ class PromptLearner(nn.Module):
         self.token_suffix = embedding[:, 1 + self.n_ctx:, :]  # class name, ".", EOS, padding
         self.tokenized_prompts = tokens
 
+    def shared_prefix(self) -> torch.Tensor | None:
+        """``[SOS] ctx_1 .. ctx_M``, the first positions of every class's prompt, as one
+        ``(1, M + 1, width)`` prompt; None where the prompts differ there (one context per
+        class, or the class name before or inside the context)."""
+        if self.position != "end" or self.ctx.dim() == 3:
+            return None
+        return torch.cat([self.token_prefix[:1], self.ctx.unsqueeze(0)], dim=1)
+
     def forward(self) -> torch.Tensor:
         n_cls = self.token_prefix.shape[0]
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(n_cls, -1, -1)
@@ -91,6 +99,17 @@ class PromptLearner(nn.Module):
                 parts = [prefix[i:i + 1], name, ctx[i:i + 1], rest]
             prompts.append(torch.cat(parts, dim=1))
         return torch.cat(prompts, dim=0)
+
+
+def encode_learned_prompts(method: Method, learner: PromptLearner) -> torch.Tensor:
+    """The text features of ``learner``'s prompts for ``method``: through the SHARED_PREFIX
+    fast path where every class's prompt starts with the same positions, else whole."""
+    prefix = learner.shared_prefix()
+    if prefix is not None:
+        features = method.encode_shared(prefix, learner.token_suffix, learner.tokenized_prompts)
+        if features is not None:
+            return features
+    return method.encode_prompts(learner(), learner.tokenized_prompts)
 
 
 @register_method(
@@ -116,8 +135,7 @@ class CoOp(Method):
         return self.logits_from_features(self.image_features(images))
 
     def encode_text(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        return self.encode_prompts(learner(), learner.tokenized_prompts)
+        return encode_learned_prompts(self, self.prompt_learner)
 
     def logits_from_features(self, image: torch.Tensor) -> torch.Tensor:
         text = self.prompt_features()

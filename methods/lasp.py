@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbone import tokenize
-from methods.coop import PromptLearner
+from methods.coop import PromptLearner, encode_learned_prompts
 from methods.registry import (
     CONFIG_DIR,
     Method,
@@ -216,7 +216,7 @@ class LASP(Method):
 
     def encode_text(self) -> torch.Tensor:
         learner = self.prompt_learner
-        return self._offset(self.encode_prompts(learner(), learner.tokenized_prompts))
+        return self._offset(encode_learned_prompts(self, learner))
 
     def text_to_text(self) -> torch.Tensor:
         """The text-to-text loss of one training step (with the official random noise)."""
@@ -224,10 +224,13 @@ class LASP(Method):
         handcrafted = refs["features"] / refs["features"].norm(dim=-1, keepdim=True)
         if torch.rand(1).item() < NOISE_PROBABILITY:  # official: on the CPU generator, then noise on the device
             handcrafted = handcrafted + NOISE_STD * torch.randn_like(handcrafted)
-        n = refs["prefix"].shape[0]
-        prompts = torch.cat([refs["prefix"], learner.ctx.unsqueeze(0).expand(n, -1, -1), refs["suffix"]], dim=1)
-        learned = self._offset(encode_text_embeddings(self.clip, prompts, refs["tokens"],
-                                                      truncate=refs["length"] or False))
+        shared = torch.cat([refs["prefix"][:1], learner.ctx.unsqueeze(0)], dim=1)  # [SOS] and the context
+        learned = self.encode_shared(shared, refs["suffix"], refs["tokens"])
+        if learned is None:
+            n = refs["prefix"].shape[0]
+            prompts = torch.cat([refs["prefix"], learner.ctx.unsqueeze(0).expand(n, -1, -1), refs["suffix"]], dim=1)
+            learned = encode_text_embeddings(self.clip, prompts, refs["tokens"], truncate=refs["length"] or False)
+        learned = self._offset(learned)
         learned = learned / learned.norm(dim=-1, keepdim=True)
         return text_to_text_loss(learned, handcrafted, self.clip.logit_scale)
 

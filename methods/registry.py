@@ -27,6 +27,7 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from benchmark import speed
+from methods.text_prefix import encode_shared_prefix, supports_shared_prefix
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN_MODULES = ("methods.zsclip", "methods.coop", "methods.cocoop", "methods.mma", "methods.maple",
@@ -356,13 +357,32 @@ class Method(nn.Module):
             length = self._prompt_length(tokens if class_tokens is None else class_tokens)
         return encode_text_embeddings(self.clip, prompts, tokens, run_blocks, truncate=length or False)
 
-    def _prompt_length(self, tokens: torch.Tensor) -> int:
+    def encode_shared(self, prefix: torch.Tensor, suffix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The text features of the prompts ``cat([prefix[g], suffix[n]])`` (group-major)
+        through the SHARED_PREFIX fast path (``methods.text_prefix``): the prefix shared by
+        a group's prompts runs once.  None when the fast path is off or cannot serve these
+        prompts (a text tower of other blocks, an end-of-text token inside the prefix): the
+        caller then encodes the whole prompts."""
+        if not self.fast("SHARED_PREFIX") or not supports_shared_prefix(self.clip):
+            return None
+        longest, first_end = self._prompt_length(tokens, with_first_end=True)
+        if first_end < prefix.shape[1]:
+            return None
+        length = longest if self.fast("TRUNCATE_TEXT") else 0
+        return encode_shared_prefix(self.clip, prefix, suffix, tokens, length)
+
+    def _prompt_length(self, tokens: torch.Tensor, *, with_first_end: bool = False):
         # read once per token tensor and version (in-place loads bump it); the tensor itself
         # is kept, so its identity cannot pass to another one while the length is cached
-        cached = self.__dict__.get("_length_of")
+        # (a few token tensors at a time: LASP alternates between two)
+        known = self.__dict__.setdefault("_length_of", {})
+        cached = known.get(id(tokens))
         if cached is None or cached[0] is not tokens or cached[1] != tokens._version:
-            cached = self.__dict__["_length_of"] = (tokens, tokens._version, eot_length(tokens))
-        return cached[2]
+            ends = tokens.argmax(dim=-1)
+            if len(known) >= 8:
+                known.clear()
+            cached = known[id(tokens)] = (tokens, tokens._version, int(ends.max()) + 1, int(ends.min()))
+        return (cached[2], cached[3]) if with_first_end else cached[2]
 
     # -- hooks -------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

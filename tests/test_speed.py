@@ -44,7 +44,7 @@ def _logits_and_grads(model, images):
 
 @pytest.mark.parametrize("name", PROMPT_METHODS)
 def test_truncated_prompts_give_the_same_logits_and_gradients(name, tiny_clip):
-    plain, fast = _pair(name, tiny_clip, TRUNCATE_TEXT=True, FROZEN_TEXT=False)
+    plain, fast = _pair(name, tiny_clip, TRUNCATE_TEXT=True, FROZEN_TEXT=False, SHARED_PREFIX=False)
     images = torch.randn(4, 3, 32, 32)
     logits, grads = _logits_and_grads(plain, images)
     fast_logits, fast_grads = _logits_and_grads(fast, images)
@@ -61,7 +61,8 @@ def test_truncation_really_shortens_the_text_pass(tiny_clip):
     """The fast path runs the blocks on the longest real sequence, not on 77 positions."""
     lengths = {}
     for on in (False, True):
-        model = benchmark.build("coop", NAMES, clip=copy.deepcopy(tiny_clip), **{"SPEED.TRUNCATE_TEXT": on})
+        model = benchmark.build("coop", NAMES, clip=copy.deepcopy(tiny_clip),
+                                **{"SPEED.TRUNCATE_TEXT": on, "SPEED.SHARED_PREFIX": False})
         seen = []
         hook = model.clip.transformer.resblocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
         with torch.no_grad():
@@ -70,6 +71,79 @@ def test_truncation_really_shortens_the_text_pass(tiny_clip):
         lengths[on] = seen[0]
     longest = int(model.prompt_learner.tokenized_prompts.argmax(dim=-1).max()) + 1
     assert lengths == {False: 77, True: longest} and longest < 40
+
+
+SHARED_PREFIX_METHODS = ["coop", "cocoop", "kgcoop", "prograd", "lasp", "lasp_v"]
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize("name", SHARED_PREFIX_METHODS)
+def test_shared_prefix_gives_the_same_logits_and_gradients(name, truncate, tiny_clip):
+    plain, fast = _pair(name, tiny_clip, SHARED_PREFIX=True, TRUNCATE_TEXT=truncate)
+    images = torch.randn(4, 3, 32, 32)
+    for step in range(3):  # the same trajectory over a few SGD steps
+        torch.manual_seed(step)  # the same random draws in both (LASP's noise)
+        logits, grads = _logits_and_grads(plain, images)
+        torch.manual_seed(step)
+        fast_logits, fast_grads = _logits_and_grads(fast, images)
+        assert_close(fast_logits, logits, ops=clip_ops(tiny_clip, passes=2 * step + 1), what=f"logits, step {step}")
+        assert len(grads) == len(fast_grads) > 0
+        for g, h in zip(grads, fast_grads):
+            assert_close(h, g, ops=clip_ops(tiny_clip, passes=2 * step + 2), what=f"gradient, step {step}")
+        for model, gs in ((plain, grads), (fast, fast_grads)):
+            with torch.no_grad():
+                for p, g in zip([p for p in model.parameters() if p.requires_grad], gs):
+                    p -= 10.0 * g
+    with torch.no_grad():
+        plain.eval(), fast.eval()
+        assert_close(fast(images), plain(images), ops=clip_ops(tiny_clip, passes=7), what="evaluation logits")
+        plain.set_classnames(["fox", "grey wolf"]), fast.set_classnames(["fox", "grey wolf"])
+        assert_close(fast(images), plain(images), ops=clip_ops(tiny_clip, passes=7), what="new class names")
+
+
+def _text_positions(model, images):
+    """The positions the first text block sees in one forward pass (None: it never ran)."""
+    seen = []
+    hook = model.clip.transformer.resblocks[0].ln_1.register_forward_hook(
+        lambda m, i, o: seen.append(o.shape[:-1].numel()))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    return seen[0] if seen else None
+
+
+def test_shared_prefix_runs_the_shared_positions_once_and_only_where_they_are_shared(tiny_clip):
+    images = torch.randn(2, 3, 32, 32)
+    context = {"N_CTX": 4, "CTX_INIT": ""}  # four learned vectors (an initial phrase would set their number)
+    model = benchmark.build("coop", NAMES, clip=copy.deepcopy(tiny_clip), **context)
+    tokens = model.prompt_learner.tokenized_prompts
+    longest = int(tokens.argmax(dim=-1).max()) + 1
+    # [SOS] and 4 context vectors once, then each class's positions after them
+    assert _text_positions(model, images) == 5 + len(NAMES) * (longest - 5)
+    cocoop = benchmark.build("cocoop", NAMES, clip=copy.deepcopy(tiny_clip), **context)
+    assert _text_positions(cocoop, images) == len(images) * (5 + len(NAMES) * (longest - 5))
+    # prompts that differ from their first positions on run whole, every one of them
+    for options in ({"CSC": True}, {"CLASS_TOKEN_POSITION": "middle"}, {"CLASS_TOKEN_POSITION": "front"},
+                    {"SPEED.SHARED_PREFIX": False}):
+        other = benchmark.build("coop", NAMES, clip=copy.deepcopy(tiny_clip), **context, **options)
+        assert _text_positions(other, images) == len(NAMES) * longest, options
+
+
+def test_shared_prefix_leaves_text_towers_of_other_blocks_to_the_plain_path(tiny_clip):
+    from methods.text_prefix import supports_shared_prefix
+
+    assert supports_shared_prefix(tiny_clip)
+    class OtherAttention(torch.nn.MultiheadAttention):  # an attention of its own (a subclass may change it)
+        pass
+
+    other = copy.deepcopy(tiny_clip)
+    other.transformer.resblocks[3].attn.__class__ = OtherAttention
+    assert not supports_shared_prefix(other)
+    plain, fast = (benchmark.build("coop", NAMES, clip=copy.deepcopy(other), **{"SPEED.SHARED_PREFIX": on})
+                   for on in (False, True))
+    fast.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    assert _text_positions(fast, images) == _text_positions(plain, images)
 
 
 def test_mma_frozen_text_layers_run_once_per_class_set_and_precision(tiny_clip):
