@@ -144,6 +144,15 @@ def test_shared_prefix_leaves_text_towers_of_other_blocks_to_the_plain_path(tiny
     fast.load_state_dict(plain.state_dict())
     images = torch.randn(2, 3, 32, 32)
     assert _text_positions(fast, images) == _text_positions(plain, images)
+    # prompts whose end-of-text token lies inside the shared positions: not served either
+    model = benchmark.build("coop", NAMES, clip=copy.deepcopy(tiny_clip))
+    learner = model.prompt_learner
+    prefix = learner.shared_prefix()
+    tokens = learner.tokenized_prompts
+    assert model.encode_shared(prefix, learner.token_suffix, tokens) is not None
+    early = tokens.clone()
+    early[0, prefix.shape[1] - 1] = tokens.max() + 1  # the largest id marks the end of text
+    assert model.encode_shared(prefix, learner.token_suffix, early) is None
 
 
 def test_mma_frozen_text_layers_run_once_per_class_set_and_precision(tiny_clip):
