@@ -82,10 +82,10 @@ def test_zero_shot_transfers_to_unseen_labels_and_trained_methods_beat_it(toy_ro
 @pytest.mark.slow
 def test_every_other_baseline_beats_zero_shot_on_its_base_classes(toy_root, tmp_path):
     """Each baseline with its official configs (schedules cut by the toy world's rule) on the
-    inverted-colour eurosat slot, where zero-shot is weak; KgCoOp on the washed-out sun397
-    slot, where its pull towards the hand-written prompt still leaves room."""
-    zs = _records(toy_root, tmp_path / "zs", "zsclip", "eurosat,sun397")
-    methods = ["maple", "clip_adapter", "tip_adapter", "tip_adapter_f", "linear_probe", "promptsrc"]
+    inverted-colour eurosat slot, where zero-shot is weak (KgCoOp too: its pull towards the
+    hand-written prompt still leaves it far above zero-shot there)."""
+    zs = _records(toy_root, tmp_path / "zs", "zsclip", "eurosat")
+    methods = ["maple", "clip_adapter", "tip_adapter", "tip_adapter_f", "linear_probe", "promptsrc", "kgcoop"]
     records = _records(toy_root, tmp_path / "eurosat", ",".join(m for m in methods if m != "clip_adapter"), "eurosat")
     # CLIP-Adapter's residual adapter does not move its predictions in the rule's 100 steps
     # (README: where the toy world disagrees); with its own 200 epochs it learns
@@ -99,8 +99,5 @@ def test_every_other_baseline_beats_zero_shot_on_its_base_classes(toy_root, tmp_
     for name in ("tip_adapter", "tip_adapter_f"):
         assert records[(name, "eurosat")]["metrics"]["novel"]["n_correct"] == zs_novel["n_correct"]
     assert records[("linear_probe", "eurosat")]["metrics"]["novel"]["status"] == "not_applicable"
-
-    kgcoop = _records(toy_root, tmp_path / "kgcoop", "kgcoop", "sun397")[("kgcoop", "sun397")]
-    zs_sun = zs[("zsclip", "sun397")]["metrics"]["base"]["accuracy"]
-    assert kgcoop["metrics"]["base"]["accuracy"] >= zs_sun + 8, (kgcoop["metrics"], zs_sun)
+    kgcoop = records[("kgcoop", "eurosat")]
     assert kgcoop["train"]["epoch_losses"][-1] < kgcoop["train"]["epoch_losses"][0]
