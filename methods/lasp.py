@@ -224,8 +224,8 @@ class LASP(Method):
         handcrafted = refs["features"] / refs["features"].norm(dim=-1, keepdim=True)
         if torch.rand(1).item() < NOISE_PROBABILITY:  # official: on the CPU generator, then noise on the device
             handcrafted = handcrafted + NOISE_STD * torch.randn_like(handcrafted)
-        shared = torch.cat([refs["prefix"][:1], learner.ctx.unsqueeze(0)], dim=1)  # [SOS] and the context
-        learned = self.encode_shared(shared, refs["suffix"], refs["tokens"])
+        shared = learner.shared_prefix()  # [SOS] and the context, the same for every class name
+        learned = None if shared is None else self.encode_shared(shared, refs["suffix"], refs["tokens"])
         if learned is None:
             n = refs["prefix"].shape[0]
             prompts = torch.cat([refs["prefix"], learner.ctx.unsqueeze(0).expand(n, -1, -1), refs["suffix"]], dim=1)
