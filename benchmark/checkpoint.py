@@ -14,6 +14,7 @@ writes one for every run.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -30,6 +31,26 @@ class CheckpointError(ValueError):
 def learned_state(model: torch.nn.Module) -> dict:
     return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
             for k, v in model.state_dict().items() if not k.startswith("clip.")}
+
+
+def summary(model: torch.nn.Module) -> dict:
+    """What a record keeps of the learned state when no checkpoint is kept: per tensor its
+    shape, dtype, a SHA-256 of its bytes (equal digests: the same tensor, bit for bit), its
+    L2 norm and its largest magnitude.  Two tensors differ by at least the difference of
+    their norms (L2) and of their largest magnitudes (element-wise), so ``verify`` can bound
+    a difference from two summaries."""
+    out = {}
+    for key, value in learned_state(model).items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        data = value.contiguous()
+        as_float = data.double() if (data.is_floating_point() or data.is_complex()) else data.to(torch.float64)
+        out[key] = {"shape": list(data.shape), "dtype": str(data.dtype).replace("torch.", ""),
+                    "sha256": hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()
+                                             if data.numel() else b"").hexdigest(),
+                    "l2": float(as_float.norm()) if data.numel() else 0.0,
+                    "absmax": float(as_float.abs().max()) if data.numel() else 0.0}
+    return out
 
 
 def save(model, path: str | Path, **meta) -> Path:

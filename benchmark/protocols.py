@@ -56,9 +56,14 @@ DEFAULT_SHOTS = 16
 FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
 # the toy world's schedule rule (toy_epochs): at most this many optimiser steps per run
 TOY_MAX_STEPS = 100
-# keys that do not change any number: left out of a run's identity
-_NOT_IDENTITY = ("OUTPUT_DIR", "DATASET.ROOT", "DATALOADER.NUM_WORKERS", "TRAIN.PRINT_FREQ", "USE_CUDA",
-                 "SPEED")
+# the loader workers of every run in the toy and synthetic worlds (``resolve_config``), the
+# same on every machine: their images are tiny, so workers would cost more than they save
+WORLD_LOADER_WORKERS = 0
+# keys that do not change any number: left out of a run's identity.  Each one is proven not to
+# move a prediction or a learned tensor by tests/test_identity_audit.py, which fails when a key
+# is added here without a case of its own.  (DATALOADER.NUM_WORKERS is not one of them: the
+# worker count decides the training crops, see benchmark.workers.worker_count.)
+_NOT_IDENTITY = ("OUTPUT_DIR", "DATASET.ROOT", "TRAIN.PRINT_FREQ", "USE_CUDA", "SPEED")
 
 
 class ProtocolError(ValueError):
@@ -141,19 +146,28 @@ def identity_config(config: dict, method: str, drop: Sequence[str] = ()) -> dict
     return config
 
 
-def run_identity(spec: RunSpec) -> str:
-    """A short hash of everything that can change the numbers of a run.
+def identity_payload(run) -> dict:
+    """Everything that can change the numbers of a run, as plain data: ``run`` is a
+    ``RunSpec`` or a record (a record holds the same fields, and its resolved config).
 
     The transfer run's evaluation targets are not part of it: they only add evaluations
     of the same trained weights; nor are other methods' options or the fast paths."""
-    payload = {
-        "method": spec.method, "method_version": spec.method_version, "protocol": spec.protocol,
-        "stage": spec.stage, "dataset": spec.dataset, "seed": spec.seed, "shots": spec.shots,
-        "subsample": spec.subsample, "backbone_id": spec.backbone_id,
-        "evals": [] if spec.protocol == TRANSFER else [asdict(e) for e in spec.evals],
-        "config": identity_config(spec.config, spec.method),
+    get = (lambda key: run[key]) if isinstance(run, dict) else (lambda key: getattr(run, key))
+    evals = [e if isinstance(e, dict) else asdict(e) for e in get("evals")]
+    version = run.get("method_version", 1) if isinstance(run, dict) else run.method_version
+    return {
+        "method": get("method"), "method_version": version, "protocol": get("protocol"),
+        "stage": get("stage"), "dataset": get("dataset"), "seed": get("seed"), "shots": get("shots"),
+        "subsample": get("subsample"), "backbone_id": get("backbone_id"),
+        "evals": [] if get("protocol") == TRANSFER else [
+            {"name": e["name"], "dataset": e["dataset"], "subsample": e.get("subsample", "all")} for e in evals],
+        "config": identity_config(get("config"), get("method")),
     }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def run_identity(spec: RunSpec) -> str:
+    """A short hash of ``identity_payload``: the name of the run's record."""
+    text = json.dumps(identity_payload(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -226,8 +240,10 @@ def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots
     """defaults < method YAML (+ variants) < user YAML < protocol keys < KEY VALUE opts.
 
     Variants (``config_variants``): the protocol's, then the dataset's, then the world's.
-    In the toy world the schedule rule (``toy_epochs``) then shortens ``OPTIM.MAX_EPOCH``
-    (after the user YAML, before the opts: an explicit ``--opts OPTIM.MAX_EPOCH`` wins).
+    In the toy world the schedule rule (``toy_epochs``) then shortens ``OPTIM.MAX_EPOCH``,
+    and in the toy and synthetic worlds ``DATALOADER.NUM_WORKERS`` is
+    ``WORLD_LOADER_WORKERS`` (both after the user YAML, before the opts: an explicit
+    ``--opts OPTIM.MAX_EPOCH`` or ``--opts DATALOADER.NUM_WORKERS`` wins).
     """
     from datasets.worlds import world_of
 
@@ -241,6 +257,8 @@ def resolve_config(method: str, protocol: str, dataset: str, *, seed: int, shots
         C.merge_dict(cfg, C.read_yaml(user_yaml), str(user_yaml))
     if world == "toy":
         _apply_toy_schedule(cfg, info, root, dataset, shots, subsample)
+    if world in ("toy", "synthetic"):  # fixed, so that their numbers are the same on every machine
+        cfg.DATALOADER.NUM_WORKERS = WORLD_LOADER_WORKERS
     cfg.SEED = seed
     cfg.DATASET.NAME = dataset
     cfg.DATASET.ROOT = str(root)

@@ -95,6 +95,8 @@ class FinishedRecord(TypedDict, total=False):
     config: dict
     effective_input_size: list[int]
     software: dict
+    environment: dict  # what made the numbers besides the config (``environment``); optional
+    learned: dict  # the learned tensors' summaries (``checkpoint.summary``); optional
     code_revision: str
     checkpoint: str
     resumed_from_checkpoint: bool
@@ -138,7 +140,8 @@ def _identity(spec) -> dict:
 def finished(spec, *, method_version: int, world: str, evals: Sequence[dict], metrics: dict,
              train: TrainInfo, compute: dict, timings: dict, effective_input_size: Sequence[int],
              software: dict, code_revision: str, checkpoint: str | None = None,
-             resumed_from_checkpoint: bool = False, predictions: str | None = None) -> FinishedRecord:
+             resumed_from_checkpoint: bool = False, predictions: str | None = None,
+             environment: dict | None = None, learned: dict | None = None) -> FinishedRecord:
     """The record of a run that ended normally (``spec``: a ``protocols.RunSpec``)."""
     record: FinishedRecord = {
         "schema_version": SCHEMA_VERSION, **_identity(spec), "status": "ok", "method_version": method_version,
@@ -147,6 +150,10 @@ def finished(spec, *, method_version: int, world: str, evals: Sequence[dict], me
         "timings": timings, "config": spec.config, "effective_input_size": list(effective_input_size),
         "software": software, "code_revision": code_revision,
     }
+    if environment is not None:
+        record["environment"] = dict(environment)
+    if learned is not None:
+        record["learned"] = dict(learned)
     if checkpoint is not None:
         record["checkpoint"] = str(checkpoint)
     if resumed_from_checkpoint:
@@ -244,7 +251,7 @@ def validate(data: Any) -> Record:
     if not (isinstance(evals, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                             and isinstance(e.get("dataset"), str) for e in evals)):
         raise RecordError("evals must be a list of {name, dataset, subsample} objects")
-    for key in ("train", "compute", "timings"):
+    for key in ("train", "compute", "timings", "environment", "learned"):
         if not isinstance(data.get(key, {}), dict):
             raise RecordError(f"{key} must be an object, not {_shown(data.get(key))}")
     if "steps" in data.get("train", {}) and not _is_int(data["train"]["steps"]):
@@ -310,6 +317,38 @@ def software_versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
             "numpy": np.__version__}
+
+
+def environment(device, loader_workers: int) -> dict:
+    """What made a run's numbers besides its config and code: the library builds, the device,
+    the CPU kernels torch chose (``cpu_capability``: DEFAULT, AVX2, AVX512, ...), the threads
+    of this process and the loader workers the run used.  Two records of one identity made in
+    different environments may differ by rounding (``python run.py verify`` shows by how much)."""
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device": torch.cuda.get_device_name(device) if cuda else device.type,
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "loader_workers": int(loader_workers),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    """The CPU's model name where the system says it (Linux), else its architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=1)

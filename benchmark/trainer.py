@@ -38,6 +38,7 @@ from benchmark.loaders import (  # noqa: E402
 from benchmark.models import dataset_context, input_size, prepare_model  # noqa: E402
 from benchmark.precision import autocast, grad_scaler, optimizer_step  # noqa: E402
 from benchmark.protocols import RunSpec, config_node  # noqa: E402
+from benchmark.workers import worker_count  # noqa: E402
 from datasets.base import Datum, generate_fewshot  # noqa: E402
 from datasets.build import build_dataset  # noqa: E402
 from datasets.worlds import world_of  # noqa: E402
@@ -422,6 +423,7 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, cfg, "training", len(train_set.classnames), precision) from exc
     timer.add("training", time.perf_counter() - train_start - (timer.seconds["data_loading"] - waited))
+    learned = ckpt.summary(model)  # what was learned, before any evaluation (``verify`` compares it)
     if save_checkpoint and not resumed and checkpoint is not None:
         with timer("writing"):
             ckpt.save(model, checkpoint, run_id=spec.run_id)
@@ -489,7 +491,17 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
                  "stages": timer.finish(total_s, stages.take_imports())},
         effective_input_size=list(cfg.INPUT.SIZE), software=software, code_revision=revision,
         checkpoint=str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None,
-        resumed_from_checkpoint=resumed, predictions=stored)
+        resumed_from_checkpoint=resumed, predictions=stored,
+        environment=_environment(previous if resumed else None, device, cfg), learned=learned)
+
+
+def _environment(previous: dict | None, device: torch.device, cfg) -> dict:
+    """The record's environment: this process's; for a run restored from its checkpoint,
+    the training's (from the earlier record), with this one under ``later_evaluations``."""
+    now = records.environment(device, worker_count(cfg))
+    if previous is None or not isinstance(previous.get("environment"), dict):
+        return now
+    return {**previous["environment"], "later_evaluations": now}
 
 
 def short_classes(train: Sequence[Datum], classnames: Sequence[str], shots: int) -> dict[str, int]:

@@ -167,5 +167,14 @@ def _signals_deferred():
 
 
 def worker_count(cfg) -> int:
-    """A loader's worker processes: ``DATALOADER.NUM_WORKERS``, at most the machine's CPU count."""
-    return max(0, min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1))
+    """A loader's worker processes: ``DATALOADER.NUM_WORKERS`` as configured, on any machine.
+
+    The count decides which random crops a run trains on, as in the reference toolbox:
+    worker w of N seeds its random streams from the loader's base seed plus w and
+    augments batches w, w + N, w + 2N, ...  So it is never adapted to the machine (a
+    2-core machine runs 8 workers slower, not differently) and it is part of a run's
+    identity (``benchmark.protocols``)."""
+    count = int(cfg.DATALOADER.NUM_WORKERS)
+    if count < 0:
+        raise ValueError(f"DATALOADER.NUM_WORKERS must be 0 or more; got {count}.")
+    return count
