@@ -11,6 +11,16 @@ An entry is keyed by everything that can change a feature: the backbone's weight
 of evaluation), the device kind, the test transform's settings and the image list (path,
 size and modification time of each file, in order).  Entries are ``.pt`` files of a CPU
 tensor, written atomically and loaded with ``weights_only=True``.
+
+An entry (format 2) is a dict: ``format``, ``key``, ``features``, ``n_images`` and
+``checksum``, the CRC-32 of the features' dtype, shape and bytes
+(``benchmark.files.tensor_checksum``), checked on every load (hashing runs at GB/s; the
+features are a few MB where encoding the images takes seconds to minutes).  An entry that
+cannot be loaded, holds another key or row count, or fails its checksum is logged (one
+warning naming the file) and computed again, the new file renamed over it; nothing of it
+is served.  torch's own reader does not check the CRC of the archive it loads, so a
+flipped byte in the tensor data would otherwise pass.  Entries of format 1 (no checksum)
+are computed again in place, without a warning.
 """
 
 from __future__ import annotations
@@ -24,11 +34,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from benchmark.files import write_torch_atomic
+from benchmark.files import tensor_checksum, write_torch_atomic
 from datasets.base import Datum
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of the key: what a feature depends on
+ENTRY_FORMAT = 2  # of the stored dict; 2: with the checksum of the features
 
 
 def device_kind(device: torch.device) -> str:
@@ -60,13 +71,9 @@ def frozen_features(encode: Callable[[torch.Tensor], torch.Tensor], data: Sequen
     computed from ``batches()`` (the images, in order) and stored."""
     path = Path(cache_dir) / "features" / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            features = stored["features"]
-            if stored.get("key") == key and features.shape[0] == len(data):
-                return features.to(device)
-        except Exception as exc:  # a damaged entry is recomputed, never trusted
-            log.warning("Feature cache entry %s is unreadable (%s); computing it again.", path, exc)
+        features = _load_entry(path, key, len(data))
+        if features is not None:
+            return features.to(device)
     parts = []
     with torch.no_grad():
         for images in batches():
@@ -74,5 +81,29 @@ def frozen_features(encode: Callable[[torch.Tensor], torch.Tensor], data: Sequen
                 parts.append(encode(images))
     features = torch.cat(parts) if parts else torch.zeros(0)
     if path is not None:
-        write_torch_atomic(path, {"key": key, "features": features.cpu(), "n_images": len(data)})
+        stored = features.cpu()
+        write_torch_atomic(path, {"format": ENTRY_FORMAT, "key": key, "features": stored, "n_images": len(data),
+                                  "checksum": tensor_checksum(stored)})
     return features
+
+
+def _load_entry(path: Path, key: str, rows: int) -> torch.Tensor | None:
+    """The features of the entry at ``path`` (CPU) when it is whole and holds ``key`` with
+    ``rows`` rows; else None (logged as damaged, but for an entry of another format)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("format") != ENTRY_FORMAT and isinstance(stored.get("features"), torch.Tensor):
+            log.info("Feature cache entry %s is of format %s, not %d; computing it again.", path,
+                     stored.get("format", 1), ENTRY_FORMAT)
+            return None
+        features = stored["features"]
+        if stored.get("key") != key or features.shape[0] != rows:
+            problem = f"it holds key {stored.get('key')} with {features.shape[0]} rows, not {key} with {rows}"
+        elif stored.get("checksum") != tensor_checksum(features):
+            problem = "its features fail their checksum"
+        else:
+            return features
+    except Exception as exc:  # a damaged entry is recomputed, never trusted
+        problem = f"it cannot be loaded: {exc}"
+    log.warning("Feature cache entry %s is damaged (%s); computing it again.", path, problem)
+    return None

@@ -9,6 +9,12 @@ The file gets the mode a plain ``open`` would give it (0666 less the umask), not
 
 A write that fails for lack of space or permission raises ``OutputError``: an
 ``OSError`` with the same errno whose message names the file and says how to fix it.
+
+The disk caches store a checksum of their content with each entry and check it when the
+entry is read back (``checksum``, ``tensor_checksum``): CRC-32, which finds every error
+of up to 32 consecutive bits (a flipped byte) and any other damage (a block overwritten
+with other bytes) but for a chance of 2**-32, at several GB/s.  It guards against damage,
+not against someone who forges a matching file on purpose.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import errno
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -122,3 +129,27 @@ def check_writable(folder: str | Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise output_error(exc, folder) from exc
+
+
+# -- checksums of cached content -------------------------------------------------------------------
+CHECKSUM = "crc32"  # the algorithm of ``checksum``, named in the entries that store one
+
+
+def checksum(*parts: Any) -> str:
+    """CRC-32 of the bytes of ``parts`` in order (bytes or C-contiguous buffers such as
+    numpy arrays and memory maps, read in place), as 8 hexadecimal digits."""
+    value = 0
+    for part in parts:
+        view = memoryview(part)
+        if view.nbytes:  # (an empty view cannot be cast)
+            value = zlib.crc32(view.cast("B"), value)
+    return f"{value:08x}"
+
+
+def tensor_checksum(tensor: Any) -> str:
+    """``checksum`` of a tensor's dtype, shape and element bytes (any dtype, bfloat16 included)."""
+    import torch
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    header = f"{flat.dtype}{tuple(tensor.shape)}".encode()
+    return checksum(header, flat.view(torch.uint8).numpy())

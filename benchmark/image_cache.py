@@ -15,12 +15,26 @@ the std), so every batch equals ``torch.stack`` of the PIL path's tensors bit fo
 The divisor 255 is a tensor on the device: a CUDA division by a Python number multiplies
 by its reciprocal, which can differ from the CPU's true division in the last bit.
 
-An entry is keyed by the format version, the library versions that resample, INPUT.SIZE,
+An entry is keyed by the key version, the library versions that resample, INPUT.SIZE,
 INPUT.INTERPOLATION and, for each image in order, its path, file size and modification
 time (``image_cache_key``); normalisation is not part of it.  Both files are written to a
 temporary name and renamed, the JSON last, so an entry counts only when its JSON exists
 and the array file has the size it names; anything else (a build killed half-way, a
 truncated file) is built again, never read.
+
+Content: the JSON also holds a CRC-32 (``benchmark.files.checksum``) of every block of
+``BUILD_BATCH_SIZE`` images, computed from the decoded pixels as they are written
+(``"checksum": {"algorithm", "block_images", "blocks"}``).  Opening an entry maps the array
+and checks every block against it before a single batch is served; an entry that fails
+is logged (one warning naming the file) and decoded again, the new files renamed over the
+damaged ones.  Hashing runs at several GB/s, far faster than decoding the images it stands
+for.  A process remembers the entries it has checked (path, device, inode, size,
+modification and change times, the stored checksums) and does not hash them again; any
+write to the file, or to its times, changes that identity and makes it checked anew.  An
+entry whose file changed less than ``SETTLE_SECONDS`` before its check is not remembered:
+file times advance in coarse ticks, so a write within the same tick could leave them
+unchanged.  Entries of format 1 (no checksums) fail the description check and are built
+again in place.
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from benchmark.files import atomic_path, write_json_atomic
+from benchmark.files import CHECKSUM, atomic_path, checksum, write_json_atomic
 from benchmark.images import ImageReadError, open_image
 from benchmark.transforms import build_test_transform
 from benchmark.workers import QuietLoader, worker_count
@@ -49,19 +63,22 @@ from datasets.base import Datum
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of the JSON description; 2: block checksums
+KEY_VERSION = 1  # of what the pixels depend on (the key): unchanged, so entries of format 1 are replaced in place
 IMAGE_DIR = "images"
-BUILD_BATCH_SIZE = 32  # images per decoding batch (and per write into the array)
+BUILD_BATCH_SIZE = 32  # images per decoding batch (and per write into the array, and per checksum block)
 STALE_TMP_SECONDS = 3600  # a temporary file untouched this long belongs to a dead build
+SETTLE_SECONDS = 2.0  # an entry changed more recently than this when checked is not remembered as checked
+_VERIFIED: set[tuple] = set()  # identities of entries this process has checked (see _verified_id)
 
 
 # -- key and transform ------------------------------------------------------------------------
 def image_cache_key(data: Sequence[Datum], cfg) -> str:
-    """sha256 over the format version, the resampling libraries' versions, INPUT.SIZE,
+    """sha256 over the key version, the resampling libraries' versions, INPUT.SIZE,
     INPUT.INTERPOLATION and each datum's path, file size and mtime_ns, in order."""
     h = hashlib.sha256()
     header = {
-        "version": FORMAT_VERSION, "pillow": PIL.__version__, "torchvision": torchvision.__version__,
+        "version": KEY_VERSION, "pillow": PIL.__version__, "torchvision": torchvision.__version__,
         "size": [int(s) for s in cfg.INPUT.SIZE], "interpolation": str(cfg.INPUT.INTERPOLATION).lower(),
     }
     h.update(json.dumps(header, sort_keys=True).encode())
@@ -145,8 +162,10 @@ def _remove_stale_tmp(folder: Path, key: str) -> None:
             pass
 
 
-def _write_array(path: Path, data: Sequence[Datum], cfg, num_workers: int) -> None:
-    """Decode ``data`` into ``path`` (a temporary file renamed into place when complete)."""
+def _write_array(path: Path, data: Sequence[Datum], cfg, num_workers: int) -> list[str]:
+    """Decode ``data`` into ``path`` (a temporary file renamed into place when complete);
+    returns the checksum of every block of ``BUILD_BATCH_SIZE`` images, of the decoded
+    pixels (not read back from the file)."""
     shape = _shape(len(data), cfg)
     steps, _ = _split_test_transform(cfg)
     workers = min(num_workers, math.ceil(len(data) / BUILD_BATCH_SIZE))
@@ -154,19 +173,21 @@ def _write_array(path: Path, data: Sequence[Datum], cfg, num_workers: int) -> No
                          num_workers=workers, collate_fn=_stack, drop_last=False)
     with atomic_path(path) as tmp:
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-        start, failure = 0, None
+        start, failure, blocks = 0, None, []
         for batch in loader:
             if isinstance(batch, OSError):
                 failure = batch
                 break  # leaving the loop ends the loader's iterator and its workers
             out[start:start + len(batch)] = batch
             start += len(batch)
+            blocks.append(checksum(np.ascontiguousarray(batch)))  # the loader's batches are the blocks
         if failure is not None:
             raise failure
         if start != len(data):
             raise RuntimeError(f"Decoded {start} of {len(data)} images for {path}.")
         out.flush()
         del out
+    return blocks
 
 
 def _meta(data: Sequence[Datum], cfg, key: str) -> dict:
@@ -176,15 +197,71 @@ def _meta(data: Sequence[Datum], cfg, key: str) -> dict:
             "impaths": [str(item.impath) for item in data]}
 
 
+def _checksum_meta(blocks: list[str]) -> dict:
+    return {"algorithm": CHECKSUM, "block_images": BUILD_BATCH_SIZE, "blocks": blocks}
+
+
 def _open_entry(path: Path, meta: dict) -> np.memmap | None:
-    """The entry's array, or None when the entry is missing, partial or not this one."""
+    """The entry's array, or None when the entry is missing, of another format or
+    description, or damaged: a description that cannot be read, an array file missing or
+    of another size than it names, content that fails the stored checksums (these logged:
+    one warning naming the file)."""
     try:
-        stored = json.loads(path.with_suffix(".json").read_text())
-        if stored != meta or path.stat().st_size != math.prod(meta["shape"]):
-            return None
-        return np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(meta["shape"]))
-    except (OSError, ValueError):
+        text = path.with_suffix(".json").read_text()
+    except FileNotFoundError:
+        return None  # not written yet, or a build killed between its two renames
+    except OSError as exc:
+        return _damaged(path, f"its description cannot be read: {exc}")
+    try:
+        stored = json.loads(text)
+        expected = stored.pop("checksum", None)
+    except (ValueError, AttributeError, TypeError):
+        return _damaged(path, "its description is not a JSON object")
+    if stored != meta:
+        return None  # another format (format 1: no checksums) or other settings: built again
+    try:
+        with open(path, "rb") as handle:  # the status and the map of one and the same file
+            status = os.fstat(handle.fileno())
+            if status.st_size != math.prod(meta["shape"]):
+                return _damaged(path, f"it holds {status.st_size} bytes, not the {math.prod(meta['shape'])} "
+                                      f"of its shape {meta['shape']}")
+            array = np.memmap(handle, dtype=np.uint8, mode="r", shape=tuple(meta["shape"]))
+    except OSError as exc:
+        return _damaged(path, f"it cannot be read: {exc}")
+    problem = _damage(path, status, array, expected)
+    return array if problem is None else _damaged(path, problem)
+
+
+def _damaged(path: Path, problem: str) -> None:
+    log.warning("Image cache entry %s is damaged (%s); decoding its images again.", path, problem)
+    return None
+
+
+def _verified_id(path: Path, status: os.stat_result, expected: dict) -> tuple:
+    return (str(path.resolve()), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+            status.st_ctime_ns, json.dumps(expected, sort_keys=True))
+
+
+def _damage(path: Path, status: os.stat_result, array: np.ndarray, expected) -> str | None:
+    """Why ``array`` (mapped from ``path``, whose status is ``status``) does not match the
+    ``expected`` checksums of its description, or None when every block matches."""
+    try:
+        algorithm, block, blocks = expected["algorithm"], int(expected["block_images"]), list(expected["blocks"])
+    except (TypeError, KeyError, ValueError):
+        return "its description holds no valid checksums"
+    if algorithm != CHECKSUM or block < 1 or len(blocks) != math.ceil(len(array) / block):
+        return f"its description's checksums do not fit its {len(array)} images"
+    identity = _verified_id(path, status, expected)
+    if identity in _VERIFIED:
         return None
+    bad = [i for i, want in enumerate(blocks) if checksum(array[i * block:(i + 1) * block]) != want]
+    if bad:
+        first = bad[0] * block
+        return (f"{len(bad)} of {len(blocks)} blocks of images fail their checksum, the first holding images "
+                f"{first} to {min(first + block, len(array)) - 1}")
+    if time.time() - max(status.st_mtime, status.st_ctime) > SETTLE_SECONDS:
+        _VERIFIED.add(identity)
+    return None
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -213,8 +290,9 @@ class DecodedImages:
     @classmethod
     def open_or_build(cls, data: Sequence[Datum], cfg, cache_dir: str | Path, *,
                       num_workers: int | None = None) -> DecodedImages:
-        """The entry of ``data`` under ``cache_dir``; decoded and written first when it is
-        missing or incomplete.  An unreadable image raises the PIL loader's OSError."""
+        """The entry of ``data`` under ``cache_dir``, its content checked; decoded and
+        written first when it is missing, incomplete or damaged.  An unreadable image
+        raises the PIL loader's OSError."""
         data = list(data)
         key = image_cache_key(data, cfg)
         folder = Path(cache_dir) / IMAGE_DIR
@@ -230,8 +308,8 @@ class DecodedImages:
             _remove_stale_tmp(folder, key)
             workers = worker_count(cfg) if num_workers is None else max(0, int(num_workers))
             started = time.perf_counter()
-            _write_array(path, data, cfg, workers)
-            write_json_atomic(path.with_suffix(".json"), meta)
+            blocks = _write_array(path, data, cfg, workers)
+            write_json_atomic(path.with_suffix(".json"), {**meta, "checksum": _checksum_meta(blocks)})
             log.info("Decoded %d test images into %s in %.1f s.", len(data), path,
                      time.perf_counter() - started)
             array = _open_entry(path, meta)

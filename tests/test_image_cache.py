@@ -3,12 +3,15 @@
 Every batch must equal ``torch.stack`` of ``build_test_transform(cfg)`` applied to the
 image as the PIL loader opens it, bit for bit; a second open must reuse the entry without
 decoding; the key must follow the transform settings, the order and the files; partial
-entries must be rebuilt; unreadable files must raise the loader's OSError.
+entries must be rebuilt (those that cannot have come from a build killed half-way with a
+warning); unreadable files must raise the loader's OSError.  Damaged content of a whole
+entry: ``tests/test_cache_integrity.py``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -235,13 +238,18 @@ def _damage_wrong_shape(path: Path) -> None:
     meta_path.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage", [_damage_truncate, _damage_drop_json, _damage_bad_json, _damage_wrong_shape])
-def test_partial_entry_is_rebuilt(images, tmp_path, damage):
+@pytest.mark.parametrize("damage, warned", [(_damage_truncate, True), (_damage_drop_json, False),
+                                            (_damage_bad_json, True), (_damage_wrong_shape, False)])
+def test_partial_entry_is_rebuilt(images, tmp_path, caplog, damage, warned):
     cfg = _cfg()
     first = DecodedImages.open_or_build(images, cfg, tmp_path)
     inode = first.path.stat().st_ino
     damage(first.path)
-    rebuilt = DecodedImages.open_or_build(images, cfg, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="benchmark.image_cache"):
+        rebuilt = DecodedImages.open_or_build(images, cfg, tmp_path)
+    # a missing or other description: not built yet, or of another format; the rest is damage
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(messages) == int(warned) and all(str(first.path) in m for m in messages), messages
     assert rebuilt.path == first.path and rebuilt.path.stat().st_ino != inode
     assert torch.equal(_cached(rebuilt, cfg, 4), _reference(images, cfg))
     assert _entry_files(tmp_path) == [f"{first.key}.json", f"{first.key}.u8"]

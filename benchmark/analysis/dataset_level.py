@@ -22,7 +22,10 @@ layer and seed:
   at the same point: 0 when the two towers' geometries agree up to rotation and scale.
 
 Features are extracted once per backbone (all images any seed draws) and cached on disk
-under ``<output>/cache/analysis/``; seeds only choose samples and splits.
+under ``<output>/cache/analysis/``; seeds only choose samples and splits.  A cache entry
+holds the CRC-32 of every point's tensor (``benchmark.files.tensor_checksum``), checked
+when it is read: an entry that fails it (or cannot be read, or holds another key or row
+count) is logged and extracted again, never used.
 """
 
 from __future__ import annotations
@@ -48,12 +51,13 @@ from benchmark.analysis.layers import (
     text_points,
     tower_depths,
 )
-from benchmark.files import write_torch_atomic
+from benchmark.files import tensor_checksum, write_torch_atomic
 from datasets.base import DatasetError, Datum
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of the cache keys: what a feature depends on
+ENTRY_FORMAT = 2  # of a cache entry's dict; 2: with a checksum per point
 PROMPT = "a photo of a {}."
 DEFAULT_SAMPLES = 80  # images per dataset and seed; the toy world's smallest training split holds 96
 TOWERS = ("text", "image")
@@ -197,18 +201,39 @@ def _key(header: dict, lines: Sequence[str]) -> str:
 
 
 def _cached(path: Path, key: str, compute: Callable[[], list[torch.Tensor]], rows: int) -> tuple[list[torch.Tensor], bool]:
-    """The cache entry at ``path`` when it is whole and holds ``rows`` rows per point, else
-    ``compute()`` stored there.  Returns (features per point, read from the cache)."""
+    """The cache entry at ``path`` when it is whole (every point's checksum matches) and
+    holds ``rows`` rows per point, else ``compute()`` stored there.  Returns (features per
+    point, read from the cache)."""
     if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored.get("key") == key and all(p.shape[0] == rows for p in stored["points"]):
-                return list(stored["points"]), True
-        except Exception as exc:  # a damaged entry is recomputed, never trusted
-            log.warning("Analysis cache entry %s is unreadable (%s); extracting again.", path, exc)
+        points = _read_entry(path, key, rows)
+        if points is not None:
+            return points, True
     points = compute()
-    write_torch_atomic(path, {"key": key, "points": points})
+    write_torch_atomic(path, {"format": ENTRY_FORMAT, "key": key, "points": points,
+                              "checksums": [tensor_checksum(p) for p in points]})
     return points, False
+
+
+def _read_entry(path: Path, key: str, rows: int) -> list[torch.Tensor] | None:
+    """The points of the entry at ``path``, or None (logged as damaged, but for an entry of
+    another format)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("format") != ENTRY_FORMAT and isinstance(stored.get("points"), list):
+            log.info("Analysis cache entry %s is of format %s, not %d; extracting again.", path,
+                     stored.get("format", 1), ENTRY_FORMAT)
+            return None
+        points, checksums = list(stored["points"]), list(stored["checksums"])
+        if stored.get("key") != key or any(p.shape[0] != rows for p in points):
+            problem = f"it holds another key or not {rows} rows per point"
+        elif len(checksums) != len(points) or any(tensor_checksum(p) != c for p, c in zip(points, checksums)):
+            problem = "its features fail their checksums"
+        else:
+            return points
+    except Exception as exc:  # a damaged entry is recomputed, never trusted
+        problem = f"it cannot be read: {exc}"
+    log.warning("Analysis cache entry %s is damaged (%s); extracting again.", path, problem)
+    return None
 
 
 def image_features(clip, backbone_id: str, items: Sequence[Datum], cache_dir: Path, device: torch.device, *,
