@@ -398,6 +398,14 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
     resumed = previous is not None and checkpoint is not None and Path(checkpoint).is_file()
     if resumed:
         ckpt.load(model, checkpoint)
+        if not _same_learned(ckpt.summary(model), previous.get("learned")):
+            log.warning("%s: the checkpoint %s does not hold the weights its record was made with (damaged or "
+                        "replaced); training again.", spec.label, checkpoint)
+            resumed, previous = False, None
+            del model
+            clip = clip_copy(spec.backbone)
+            torch.manual_seed(spec.seed)  # built again exactly as above
+            model, requested, precision = prepare_model(spec.method, cfg, told, device=device, clip=clip)
     timer.add("model", time.perf_counter() - model_start)
     train_start, waited = time.perf_counter(), timer.seconds["data_loading"]
     if resumed:
@@ -493,6 +501,14 @@ def execute(spec: RunSpec, device: str | torch.device | None = None,
         checkpoint=str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None,
         resumed_from_checkpoint=resumed, predictions=stored,
         environment=_environment(previous if resumed else None, device, cfg), learned=learned)
+
+
+def _same_learned(now: dict, recorded: dict | None) -> bool:
+    """Whether restored weights are those a record summarised (``checkpoint.summary``): the
+    same tensors, bit for bit.  A record made before summaries existed cannot tell: yes."""
+    if not isinstance(recorded, dict):
+        return True
+    return set(now) == set(recorded) and all(now[k]["sha256"] == recorded[k].get("sha256") for k in now)
 
 
 def _environment(previous: dict | None, device: torch.device, cfg) -> dict:

@@ -316,3 +316,35 @@ def test_zsclip_run_with_damaged_feature_entries_gives_the_undamaged_predictions
     found = _warnings(caplog, "benchmark.feature_cache")
     assert len(found) == 2 and all(any(str(entry) in message for message in found) for entry in entries), found
     _assert_same_results(first, second)
+
+
+# -- checkpoints of the transfer run: restored only when they hold the recorded weights ---------------
+def test_a_damaged_checkpoint_is_not_restored_but_trained_again(tmp_path, caplog):
+    """Targets asked for later are evaluated on the saved weights when the checkpoint holds
+    what the record summarised; a checkpoint that does not is trained again, with a warning."""
+    from benchmark.protocols import transfer
+    from datasets.synthetic import write_synthetic_root
+
+    root = tmp_path / "data"
+    write_synthetic_root(root, ["imagenet", "eurosat", "oxford_pets"])
+
+    def spec(targets):
+        return transfer(["coop"], targets, [1], 2, root=str(root), backbone="tiny-clip-12", backbone_id="tiny",
+                        opts=["OPTIM.MAX_EPOCH", "2", "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0"])[0]
+
+    checkpoint = tmp_path / "learned.pt"
+    first = execute(spec(["eurosat"]), "cpu", checkpoint=checkpoint, save_checkpoint=True)
+    restored = execute(spec(["eurosat", "oxford_pets"]), "cpu", previous=first, checkpoint=checkpoint)
+    assert restored["resumed_from_checkpoint"] and restored["train"] == first["train"]
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    payload["state"]["prompt_learner.ctx"][0, 0] += 1.0
+    torch.save(payload, checkpoint)
+    with caplog.at_level(logging.WARNING, logger="benchmark.trainer"):
+        again = execute(spec(["eurosat", "oxford_pets"]), "cpu", previous=first, checkpoint=checkpoint)
+    assert any("does not hold the weights" in m and str(checkpoint) in m
+               for m in _warnings(caplog, "benchmark.trainer"))
+    assert not again.get("resumed_from_checkpoint") and again["train"]["steps"] == first["train"]["steps"] > 0
+    assert again["learned"] == first["learned"]  # trained again from the start: the same weights, bit for bit
+    for name in ("imagenet", "eurosat"):
+        assert again["metrics"][name]["n_correct"] == first["metrics"][name]["n_correct"]
