@@ -9,7 +9,11 @@ Each row averages as the papers do, through ``benchmark.tables``: base-to-novel 
 Novel over the datasets, HM of those averages; cross-dataset over the targets (ImageNet,
 the source, shown apart), domain generalisation over the ImageNet variants, few-shot over
 the datasets, per shot count.  Only the datasets every row of a method has are averaged,
-so rows compare like with like.  Every cell carries the standard deviation over seeds
+so rows compare like with like.  A row holds records of one setting: records of one method
+and grid point that differ in anything else of their run identity (two backbones, another
+``--opts`` value) are separate rows, labelled as in the other tables
+(``benchmark.record_settings.split_settings``), each compared with the reference row of its own
+setting.  Every cell carries the standard deviation over seeds
 (population, as the other tables): of the per-seed averages in the average row, of the
 per-seed HM for HM.  With a reference point (``--reference KEY=VALUE``), each row shows
 its difference to the reference row (the row with the reference's values and the same
@@ -31,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from benchmark import bootstrap
+from benchmark import bootstrap, record_settings
 from benchmark import records as R
 from benchmark import tables
 from benchmark.grid import Reference, point_label, shown, value_at
@@ -140,11 +144,18 @@ def ablation_table(output, protocol: str, world: str, records: Sequence[dict],
     if not chosen:
         return None
     name = f"ablation-{protocol}" + ("" if world == "real" else f"-{world}")
-    notes = []
+    # rows of one setting each: the grid keys apart, records that differ in their identity
+    # are labelled apart (never averaged or paired with each other)
+    settings = record_settings.split_settings(chosen, drop=keys,
+                                     point=lambda r: tuple(_config_value(r, key) for key in keys))
+    notes = settings.notes_for(world, RECORD_PROTOCOL.get(protocol, protocol), {r["method"] for r in chosen})
     groups: dict[tuple, list[dict]] = {}
+    names: dict[str, tuple[str, str]] = {}  # row label -> (registered method, setting)
     for record in chosen:
         point = tuple(_config_value(record, key) for key in keys)
-        groups.setdefault((record["method"], record["shots"], point), []).append(record)
+        label, setting = settings.row(record)
+        names[label] = (record["method"], setting)
+        groups.setdefault((label, record["shots"], point), []).append(record)
     groups = dict(sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], _sortable(item[0][2]))))
     wanted = bootstrap.evaluation_names(protocol)
     rows = []
@@ -161,11 +172,14 @@ def ablation_table(output, protocol: str, world: str, records: Sequence[dict],
             if frame.empty:
                 continue
             for c in row_cells(protocol, frame):
-                rows.append({"method": m, "shots": shots, **dict(zip(keys, point)),
-                             "point": point_label(dict(zip(keys, point))), **c, "_records": recs})
+                rows.append({"method": m, "method_name": names[m][0], "setting": names[m][1], "shots": shots,
+                             **dict(zip(keys, point)), "point": point_label(dict(zip(keys, point))), **c,
+                             "_records": recs})
     if not rows:
         return None
     cells = pd.DataFrame(rows)
+    if not (cells["setting"] != "").any():  # no method split: the columns as ever
+        cells = cells.drop(columns=["method_name", "setting"])
     for column in ("delta", "low", "high"):
         cells[column] = np.nan
     cells["reference"] = False
@@ -214,8 +228,18 @@ def _sortable(point: tuple) -> tuple:
 
 
 def common_runs(records: list[dict], other: list[dict]) -> list[dict]:
-    have = {(r["dataset"], r["seed"]) for r in other}
-    return [r for r in records if (r["dataset"], r["seed"]) in have]
+    """The records with a run of the same dataset and seed in ``other`` on the same backbone
+    (the two rows of a difference adapt the same model; a record made before ``backbone_id``
+    was stored pairs with either)."""
+    have: dict[tuple, set] = {}
+    for r in other:
+        have.setdefault((r["dataset"], r["seed"]), set()).add(r.get("backbone_id"))
+
+    def paired(r) -> bool:
+        ids = have.get((r["dataset"], r["seed"]))
+        return ids is not None and (r.get("backbone_id") is None or None in ids or r.get("backbone_id") in ids)
+
+    return [r for r in records if paired(r)]
 
 
 def _display(protocol: str, cells: pd.DataFrame, keys: list[str], reference: Reference | None) -> pd.DataFrame:

@@ -8,8 +8,10 @@ the papers': base-to-novel, the harmonic mean of the average base and novel accu
 over all 11 datasets; cross-dataset, the mean over the 10 targets; domain
 generalisation, the mean over the 4 ImageNet variants.  A method whose table does not
 cover every dataset of the published average is left out (its average is another
-quantity).  Spearman's rho is the Pearson correlation of the ranks, ties taking their
-mean rank.
+quantity).  A method whose records of several settings are separate rows of the table
+(``benchmark.record_settings.split_settings``: two backbones, say) enters once per row, each row
+with the published average of its registered method.  Spearman's rho is the Pearson
+correlation of the ranks, ties taking their mean rank.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ MIN_METHODS = 3  # fewer methods than this give no rank correlation worth printi
 class Agreement:
     protocol: str
     rho: float  # Spearman's rank correlation
-    ours: dict[str, float]  # method -> our average
-    published: dict[str, float]  # method -> published average
+    ours: dict[str, float]  # table row (method, or method and setting) -> our average
+    published: dict[str, float]  # table row -> the published average of its method
 
     @property
     def line(self) -> str:
@@ -52,7 +54,7 @@ def spearman(x, y) -> float:
 
 
 def our_averages(table: pd.DataFrame, protocol: str) -> dict[str, float]:
-    """method -> the table's average row where it covers every dataset of the protocol."""
+    """table row (``method``) -> the table's average row where it covers every dataset of the protocol."""
     from datasets.catalog import BASE2NOVEL_DATASETS
 
     if table is None or table.empty:
@@ -83,13 +85,15 @@ def published_averages(paper: pd.DataFrame, protocol: str) -> dict[str, float]:
 def rank_agreement(table: pd.DataFrame, paper: pd.DataFrame, protocol: str) -> Agreement | None:
     """Spearman's rho between our and the published averages, or None where fewer than
     ``MIN_METHODS`` methods have both (or the protocol has no published average)."""
+    from benchmark.tables import method_names
     from methods.registry import paper_name
 
     if protocol not in PROTOCOLS:
         return None
     ours, published = our_averages(table, protocol), published_averages(paper, protocol)
-    both = {m: v for m, v in ours.items() if paper_name(m).lower() in published}
-    if len(both) < MIN_METHODS:
+    names = method_names(table)  # a row's registered method (its label when split into settings)
+    both = {m: v for m, v in ours.items() if paper_name(names.get(m, m)).lower() in published}
+    if len({names.get(m, m) for m in both}) < MIN_METHODS:  # methods, not settings of one
         return None
-    pub = {m: published[paper_name(m).lower()] for m in both}
+    pub = {m: published[paper_name(names.get(m, m)).lower()] for m in both}
     return Agreement(protocol, spearman([both[m] for m in both], [pub[m] for m in both]), both, pub)

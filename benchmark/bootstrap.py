@@ -159,12 +159,36 @@ def evaluation_names(protocol: str) -> Callable[[str], bool] | None:
     return lambda name: True
 
 
+def _one_per_run(row: Sequence[dict]) -> dict[tuple, dict]:
+    """(dataset, seed) -> the row's record; two records of one run must be one computation
+    (the same setting, as the tables keep the first of them)."""
+    from benchmark.record_settings import setting_of
+
+    index: dict[tuple, dict] = {}
+    for r in row:
+        key = (r["dataset"], r["seed"])
+        if key not in index:
+            index[key] = r
+        elif setting_of(index[key]) != setting_of(r):
+            raise ValueError(f"one row holds two runs of {key[0]}, seed {key[1]} ({index[key].get('id')} and "
+                             f"{r.get('id')}) of different settings, which a row never mixes")
+    return index
+
+
 def compare_rows(output, protocol: str, row_a: Sequence[dict], row_b: Sequence[dict], *,
                  resamples: int = RESAMPLES, seed: int = SEED) -> tuple[dict | None, str]:
     """Row A minus row B (their records: one per training dataset and seed) with paired
-    intervals: ((dataset, metric) -> Interval, "") or (None, why there is no interval)."""
-    index_a = {(r["dataset"], r["seed"]): r for r in row_a}
-    index_b = {(r["dataset"], r["seed"]): r for r in row_b}
+    intervals: ((dataset, metric) -> Interval, "") or (None, why there is no interval).
+
+    A row is one setting (``benchmark.record_settings.split_settings``): two records of one dataset
+    and seed in a row, or a pair of runs on two backbones, are refused (``ValueError``)
+    rather than one of them silently taken."""
+    index_a, index_b = _one_per_run(row_a), _one_per_run(row_b)
+    for key in index_a.keys() & index_b.keys():
+        a, b = index_a[key].get("backbone_id"), index_b[key].get("backbone_id")
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"{key[0]}, seed {key[1]}: the runs compared are on two backbones ({a} and {b}); "
+                             "compare rows of the same backbone")
     if set(index_a) != set(index_b):
         return None, "no interval: the two rows do not have the same runs (datasets and seeds)"
     wanted = evaluation_names(protocol)

@@ -433,6 +433,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         elif args.format == "latex":
             frame = tables.display_frame(table) if protocol == "base2novel" else tables.accuracy_display(table)
             print(tables.latex_table(frame, caption=title))
+            for note in tables.settings_notes(table):  # rows split by setting (a comment in LaTeX)
+                print(f"% {note}")
         else:
             show_table(protocol, table, title)
             show_agreement(built.agreement.get((protocol, world)))

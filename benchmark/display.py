@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from benchmark.tables import NOTE, TRANSFER_NOTE, cell
+from benchmark.tables import NOTE, TRANSFER_NOTE, cell, settings_notes
 
 console = Console(stderr=False)
 
@@ -23,10 +24,10 @@ SYNTHETIC_NOTE = ("[bold yellow]Synthetic world: fake datasets and a tiny CLIP w
                   "about any method.[/] Pass --root DATA and --clip WEIGHTS for real results.")
 
 def print_table(table, title: str) -> None:
-    """One rich table per method, narrow enough for 80 columns (std and the published
-    Base/Novel are in the markdown and CSV files)."""
+    """One rich table per method (per setting of a method split into settings), narrow enough
+    for 80 columns (std and the published Base/Novel are in the markdown and CSV files)."""
     for method, rows in table.groupby("method", sort=False):
-        rich_table = Table(title=f"{title}: {method}")
+        rich_table = Table(title=escape(f"{title}: {method}"))  # a label's [backbone=...] is text
         for column in ("Dataset", "Base", "Novel", "HM", "Seeds", "Paper HM", "ΔHM"):
             rich_table.add_column(column, justify="left" if column == "Dataset" else "right")
         for r in rows.itertuples(index=False):
@@ -35,6 +36,13 @@ def print_table(table, title: str) -> None:
                                cell(r.paper_hm), delta)
         console.print(rich_table)
     console.print(NOTE, style="dim")
+    show_settings(table)
+
+
+def show_settings(table) -> None:
+    """Which methods' records of several settings are shown as separate rows (and by what)."""
+    for line in settings_notes(table):
+        console.print(line, style="yellow", soft_wrap=True, highlight=False, markup=False)
 
 
 PROTOCOL_TITLES = {"base2novel": "Base-to-novel", "cross_dataset": "Cross-dataset",
@@ -121,7 +129,7 @@ def print_accuracy_table(protocol: str, table, title: str) -> None:
     published number with the difference for a single shot count)."""
     for method, rows in table.groupby("method", sort=False):
         shots = sorted(rows["shots"].unique())
-        rich_table = Table(title=f"{title}: {method}")
+        rich_table = Table(title=escape(f"{title}: {method}"))  # a label's [backbone=...] is text
         rich_table.add_column("Dataset")
         for k in shots:
             rich_table.add_column(f"{k}-shot" if len(shots) > 1 else "Accuracy", justify="right")
@@ -138,6 +146,7 @@ def print_accuracy_table(protocol: str, table, title: str) -> None:
             rich_table.add_row(dataset, *values)
         console.print(rich_table)
     console.print(TRANSFER_NOTE[protocol], style="dim")
+    show_settings(table)
 
 
 def show_plan(plan, n_specs: int, grid=None) -> None:
@@ -168,11 +177,11 @@ def show_plan(plan, n_specs: int, grid=None) -> None:
 
 def print_frame(frame, title: str, note: str = "") -> None:
     """A table of strings (ablation and comparison tables) on the console, with its note."""
-    rich_table = Table(title=title)
+    rich_table = Table(title=escape(title))
     for i, column in enumerate(frame.columns):
-        rich_table.add_column(str(column), justify="left" if i == 0 else "right", overflow="fold")
+        rich_table.add_column(escape(str(column)), justify="left" if i == 0 else "right", overflow="fold")
     for row in frame.itertuples(index=False):
-        rich_table.add_row(*(str(v) for v in row))
+        rich_table.add_row(*(escape(str(v)) for v in row))  # row labels hold [setting]: text, not markup
     console.print(rich_table)
     if note:
         console.print(note, style="dim", soft_wrap=True, highlight=False, markup=False)

@@ -1,5 +1,11 @@
 """Records -> pandas -> paper-shaped tables (markdown, CSV), with published numbers beside ours.
 
+One row holds the records of one computation (``benchmark.record_settings``): records that differ in
+their run identity other than the seed (two backbones, two learning rates) are never averaged
+together; a method with records of several settings becomes one row per setting
+(``zsclip [backbone=RN50]``), the ``method_name`` column keeps the registered name, and a note
+under the table says which methods were split and by what.
+
 Base-to-novel conventions (those of the MMA, MaPLe and CoCoOp tables):
 * per dataset, Base and Novel are each the mean over seeds; HM = 2BN/(B+N) of those means;
 * the Average row averages the per-dataset Base and Novel means over the datasets present
@@ -18,24 +24,85 @@ import numpy as np
 import pandas as pd
 
 from benchmark import records as R
+from benchmark.record_settings import Settings, split_settings
 from methods.registry import paper_name
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 
 
-def records_frame(records: Iterable[dict]) -> pd.DataFrame:
-    """One row per (run, evaluation split) of the successful records."""
+def records_frame(records: Iterable[dict], settings: Settings | None = None) -> pd.DataFrame:
+    """One row per (run, evaluation split) of the successful records.  ``method`` is the
+    row a record belongs to (``split_settings``; ``settings``: computed over more records,
+    by the caller), ``method_name`` its registered method, ``setting`` what sets the row apart."""
+    records = [r for r in records if R.is_finished_record(r)]
+    settings = split_settings(records) if settings is None else settings
     rows = []
     for rec in records:
+        label, setting = settings.row(rec)
         for split, m in R.applicable_metrics(rec):  # not the inapplicable (a linear probe on novel classes)
-            rows.append({"world": rec.get("world", "real"), "method": rec["method"],
+            rows.append({"world": rec.get("world", "real"), "method": label,
                          "protocol": rec["protocol"], "dataset": rec["dataset"],
                          "shots": rec["shots"], "seed": rec["seed"], "backbone": rec.get("backbone"),
                          "split": split, "accuracy": m["accuracy"], "macro_f1": m.get("macro_f1"),
-                         "n_images": m.get("n_images")})
+                         "n_images": m.get("n_images"), "method_name": rec["method"], "setting": setting})
     columns = ["world", "method", "protocol", "dataset", "shots", "seed", "backbone", "split", "accuracy",
-               "macro_f1", "n_images"]
-    return pd.DataFrame(rows, columns=columns)
+               "macro_f1", "n_images", "method_name", "setting"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame.attrs["settings_notes"] = dict(settings.notes)  # kept by slices of the frame; read by the tables
+    return frame
+
+
+def _named(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``method_name`` and ``setting`` (a frame made by hand may lack them)."""
+    if "method_name" not in frame:
+        frame = frame.assign(method_name=frame["method"])
+    if "setting" not in frame:
+        frame = frame.assign(setting="")
+    return frame
+
+
+def _with_settings(table: pd.DataFrame, frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``table[columns]``, with ``method_name`` and ``setting`` after ``method`` when some
+    method of the table is split into settings (a table without any keeps its columns)."""
+    if not (frame["setting"] != "").any():
+        return table[columns]
+    info = frame.drop_duplicates("method").set_index("method")
+    table = table.assign(method_name=table["method"].map(info["method_name"]),
+                         setting=table["method"].map(info["setting"]))
+    return table[columns[:1] + ["method_name", "setting"] + columns[1:]]
+
+
+def _noted(table: pd.DataFrame, frame: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """``table`` with the notes of its split methods (``settings_notes``), taken from the
+    records frame it was made from."""
+    notes = frame.attrs.get("settings_notes") or {}
+    names = set(method_names(table).values())
+    worlds = set(frame["world"]) if "world" in frame else set()
+    table.attrs["settings_notes"] = [text for (world, p, method), text in notes.items()
+                                     if p == protocol and method in names and world in worlds]
+    return table
+
+
+def settings_notes(table: pd.DataFrame) -> list[str]:
+    """What splits the rows of a table into settings, one line per split method; [] when
+    no method is split."""
+    notes = table.attrs.get("settings_notes")
+    if notes is not None:
+        return list(notes)
+    if "setting" not in table:
+        return []
+    split = table[table["setting"].fillna("") != ""]
+    return [f"{name}: records of {rows['method'].nunique()} settings are shown as separate rows."
+            for name, rows in split.groupby("method_name", sort=False)]
+
+
+def method_names(table: pd.DataFrame) -> dict[str, str]:
+    """Row label -> registered method name of a table (the label itself where not split)."""
+    if table is None or "method" not in table:
+        return {}
+    if "method_name" not in table:
+        return {m: m for m in table["method"]}
+    return dict(zip(table["method"], table["method_name"]))
 
 
 def _hm(base, novel):
@@ -56,7 +123,7 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
     """Per method and dataset (+ average): base, novel, hm, stds, seeds, published numbers."""
     columns = ["method", "dataset", "base", "base_std", "novel", "novel_std", "hm", "seeds",
                "paper_base", "paper_novel", "paper_hm", "delta_hm"]
-    frame = frame[frame["protocol"] == "base2novel"]
+    frame = _named(frame[frame["protocol"] == "base2novel"])
     if frame.empty:
         return pd.DataFrame(columns=columns)
     wide = frame.pivot_table(index=["method", "dataset", "seed"], columns="split",
@@ -85,7 +152,8 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
         avg["hm"] = float(_hm(avg["base"], avg["novel"]))
         tables.append(pd.concat([rows.drop(columns="_o"), pd.DataFrame([avg])], ignore_index=True))
     table = pd.concat(tables, ignore_index=True)
-    table["paper_method"] = table["method"].map(paper_name).str.lower()
+    names = frame.drop_duplicates("method").set_index("method")["method_name"]
+    table["paper_method"] = table["method"].map(names).map(paper_name).str.lower()
     table[["paper_base", "paper_novel", "paper_hm"]] = np.nan
     if paper is not None and not paper.empty:
         pub = paper.assign(paper_method=paper["method"].str.lower()).set_index(["paper_method", "dataset"])
@@ -106,7 +174,7 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
                 b, n = shown["paper_base"].mean(), shown["paper_novel"].mean()
                 table.loc[i, ["paper_base", "paper_novel", "paper_hm"]] = [b, n, float(_hm(b, n))]
     table["delta_hm"] = table["hm"] - table["paper_hm"]
-    return table[columns]
+    return _noted(_with_settings(table, frame, columns), frame, "base2novel")
 
 
 def cell(mean, std=None) -> str:
@@ -140,6 +208,11 @@ NOTE = ("Base and Novel: mean ± std (population) over seeds; HM = 2·B·N/(B+N)
         "no published number.")
 
 
+def _footnotes(table: pd.DataFrame, footnote: str = "") -> str:
+    """The lines under a markdown table after its note: methods split into settings, then ``footnote``."""
+    return "".join(f"\n{line}\n" for line in [" ".join(settings_notes(table)), footnote] if line)
+
+
 def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "base2novel",
                  footnote: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
@@ -147,7 +220,7 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "base2nov
     paths = {"csv": out_dir / f"{name}.csv", "markdown": out_dir / f"{name}.md"}
     table.to_csv(paths["csv"], index=False, float_format="%.4f")
     text = f"# {name}\n\n" + display_frame(table).to_markdown(index=False) + f"\n\n{NOTE}\n"
-    paths["markdown"].write_text(text + (f"\n{footnote}\n" if footnote else ""))
+    paths["markdown"].write_text(text + _footnotes(table, footnote))
     return paths
 
 
@@ -191,6 +264,8 @@ def accuracy_table(frame: pd.DataFrame, protocol: str, paper: pd.DataFrame | Non
         part = part[part["target"].isin(extra + targets)]
     if part.empty:
         return pd.DataFrame(columns=columns)
+    part = _named(part)
+    names = part.drop_duplicates("method").set_index("method")["method_name"]
     cells = _seed_cells(part, ["method", "shots", "target"]).rename(columns={"target": "dataset"})
     order = {name: i for i, name in enumerate(extra + targets)}
     rows = []
@@ -214,11 +289,11 @@ def accuracy_table(frame: pd.DataFrame, protocol: str, paper: pd.DataFrame | Non
             pub = pub.assign(key=pub["dataset"] + "@" + pub["shots"].astype(str)).set_index(["m", "key"])["accuracy"]
         for i, row in table.iterrows():
             key = row["dataset"] if protocol != "few_shot" else f"{row['dataset']}@{int(row['shots'])}"
-            name = paper_name(row["method"]).lower()
+            name = paper_name(names.get(row["method"], row["method"])).lower()
             if (name, key) in pub.index:
                 table.loc[i, "paper"] = float(pub.loc[(name, key)])
     table["delta"] = table["accuracy"] - table["paper"]
-    return table[columns]
+    return _noted(_with_settings(table, part, columns), part, "few_shot" if protocol == "few_shot" else "transfer")
 
 
 def accuracy_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -258,7 +333,7 @@ def write_accuracy_tables(table: pd.DataFrame, out_dir: str | Path, name: str, p
     table.to_csv(paths["csv"], index=False, float_format="%.4f")
     shown = accuracy_display(table)
     text = f"# {name}\n\n" + (shown.to_markdown(index=False) if not shown.empty else "(no runs)")
-    paths["markdown"].write_text(text + f"\n\n{TRANSFER_NOTE[protocol]}\n" + (f"\n{footnote}\n" if footnote else ""))
+    paths["markdown"].write_text(text + f"\n\n{TRANSFER_NOTE[protocol]}\n" + _footnotes(table, footnote))
     return paths
 
 
@@ -273,6 +348,8 @@ class TableSet:
     damaged: list = field(default_factory=list)
     # {(protocol, world): benchmark.agreement.Agreement} for the worlds without published numbers
     agreement: dict = field(default_factory=dict)
+    # {(protocol, world): [line]}: the methods whose records of several settings are separate rows
+    settings: dict = field(default_factory=dict)
 
     @property
     def skipped_note(self) -> str:
@@ -289,15 +366,19 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
     """Write the tables and plots of every sound record under ``output``, per protocol and
     world (real data, toy world, synthetic fakes: never mixed, and only real data is
     compared with published numbers).  ``shown`` is restricted to ``run_ids`` (all records
-    when None); damaged records are skipped and counted, in the result and in the files."""
+    when None); damaged records are skipped and counted, in the result and in the files.
+    Rows are split by setting over all the records (``split_settings``), so a table of some
+    runs labels its rows as the table of all; ``SettingsError`` when two records cannot be
+    told apart."""
     from benchmark import store
     from benchmark.agreement import rank_agreement
 
     scan = store.scan_records(output)
     result = TableSet(damaged=scan.damaged)
     plain = [r for r in scan.records if R.in_plain_tables(r)]  # grid points: benchmark.ablations
-    frame = records_frame(plain)
-    chosen = frame if run_ids is None else records_frame(r for r in plain if r["id"] in run_ids)
+    settings = split_settings(plain)
+    frame = records_frame(plain, settings)
+    chosen = frame if run_ids is None else records_frame((r for r in plain if r["id"] in run_ids), settings)
     for protocol in protocols:
         paper = load_paper(protocol)
         for world in frame["world"].unique():
@@ -323,6 +404,8 @@ def build_tables(output: str | Path, protocols: Sequence[str] = ("base2novel",),
             else:
                 written = write_accuracy_tables(table, Path(output) / "tables", name, protocol, note)
             result.paths += [written["markdown"], written["csv"]]
+            if settings_notes(table):
+                result.settings[(protocol, world)] = settings_notes(table)
             plots = Path(output) / "plots"
             if protocol == "few_shot":
                 result.paths += few_shot_plots(table, plots, name)
@@ -474,15 +557,15 @@ def latex_table(shown: pd.DataFrame, caption: str = "") -> str:
 
 
 def compute_table(records: Iterable[dict]) -> pd.DataFrame:
-    """Per method, protocol and dataset: trainable parameters, peak memory, wall time, device
-    (means over the successful runs)."""
+    """Per method (row label, as the tables), protocol and dataset: trainable parameters, peak
+    memory, wall time, device (means over the successful runs)."""
+    records = [r for r in records if R.is_finished_record(r)]
+    settings = split_settings(records)  # one row per setting: two backbones' memory are not one number
     rows = []
     for rec in records:
-        if not R.is_finished_record(rec):
-            continue
         comp, timing = rec.get("compute", {}), rec.get("timings", {})
         peak = comp.get("peak_memory_bytes")
-        rows.append({"method": rec["method"], "protocol": rec["protocol"], "dataset": rec["dataset"],
+        rows.append({"method": settings.row(rec)[0], "protocol": rec["protocol"], "dataset": rec["dataset"],
                      "shots": rec["shots"], "trainable_params": comp.get("trainable_params"),
                      "peak_memory_mib": peak / 2**20 if peak else np.nan,
                      "train_s": timing.get("train_s"), "total_s": timing.get("total_s"),
