@@ -17,8 +17,9 @@ draw), and compared with what the record and its files say:
   differences.
 
 Nothing in the results folder is written.  The data are found under the record's
-``DATASET.ROOT``, or under ``--root``; the toy and synthetic worlds are written where they
-are missing (their datasets are the same on every machine).  The backbone must be the one
+``DATASET.ROOT``, or under ``--root``; the toy and synthetic worlds are this machine's copy
+(checked against its manifest, written where missing: their datasets are the same on every
+machine).  The backbone must be the one
 the record names (its fingerprint is checked first).
 """
 
@@ -161,11 +162,11 @@ def _data_root(record: dict, root: str | None, scratch: Path, announce: Callable
     if root is not None:
         return str(root)
     recorded = str((record.get("config") or {}).get("DATASET", {}).get("ROOT", ""))
-    if recorded and Path(recorded).is_dir():
-        return recorded
     world = record.get("world", "real")
     if world in ("toy", "synthetic") and Path(recorded).name == world_folder_name(world):
-        return str(prepare_world(world, scratch, announce))
+        return str(prepare_world(world, scratch, announce))  # this machine's copy, checked against its manifest
+    if recorded and Path(recorded).is_dir():
+        return recorded
     raise VerifyError(f"its data root {recorded or '(none)'} does not exist here; pass --root DATA (the folder "
                       f"holding the datasets in the reference layout).")
 

@@ -16,6 +16,15 @@ Official pickles hold ``dassl.data.datasets.base_dataset.Datum`` objects with ab
 paths of the machine that wrote them. They are read through a restricted unpickler that
 admits only that class and plain containers, and their paths are moved onto the current
 dataset root. Our own pickles are written so that the official code can read them.
+
+Each pickle the harness writes gets a checksum file beside it, ``<file>.crc32.json``:
+``{"algorithm": "crc32", "checksum": "<8 hex digits>", "size": <bytes>}`` of the pickle's
+bytes (``benchmark.files.checksum``), written just before the pickle.  The pickle itself
+is unchanged, so the official code reads it as before.  Reading a pickle that has a
+checksum file checks it first and raises ``DamagedCacheError`` when the bytes fail it (a
+flipped byte can still unpickle into another label or path); the callers warn, compute
+the content again and rewrite both files.  A pickle without one (written by the official
+code, or by an older harness) is read as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from benchmark.files import write_bytes_atomic
+from benchmark.files import CHECKSUM, checksum, write_bytes_atomic, write_json_atomic
 
 Splits = tuple[list["Datum"], list["Datum"], list["Datum"]]  # train, val, test
 
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 DASSL_DATUM_MODULE = "dassl.data.datasets.base_dataset"
 DASSL_DATUM_NAME = "Datum"
+CHECKSUM_SUFFIX = ".crc32.json"  # the checksum file beside each pickle the harness writes
 
 
 # --------------------------------------------------------------------------- records
@@ -66,6 +76,16 @@ class DatasetError(Exception):
 
 class UnsafePickleError(DatasetError, pickle.UnpicklingError):
     """A cache pickle asked for a class outside the small allow-list."""
+
+
+class DamagedCacheError(DatasetError):
+    """A cache pickle fails the checksum file written beside it: its bytes changed after
+    the harness wrote them.  ``path`` is the pickle, ``problem`` what fails."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"Cache file {path} is damaged ({problem}).\n"
+                         f"Delete it and {os.path.basename(checksum_path(path))}; it is rebuilt on the next run.")
 
 
 @dataclass
@@ -359,18 +379,59 @@ def _is_absolute(path: str) -> bool:
     return path.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", path))
 
 
+def checksum_path(path: str | Path) -> str:
+    """The checksum file of the cache pickle ``path`` (``<path>.crc32.json``)."""
+    return str(path) + CHECKSUM_SUFFIX
+
+
+def _checksum_problem(path: str, raw: bytes) -> str | None:
+    """Why ``raw`` (the bytes of the pickle ``path``) fails its checksum file, or None when
+    it passes or has none."""
+    sidecar = checksum_path(path)
+    name = os.path.basename(sidecar)
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None  # written by the official code or an older harness: read as it is
+    except (OSError, UnicodeDecodeError) as e:
+        return f"its checksum file {name} cannot be read: {e}"
+    try:
+        stored = json.loads(text)
+        algorithm, want, size = stored["algorithm"], str(stored["checksum"]), int(stored["size"])
+    except (ValueError, TypeError, KeyError):
+        return f"its checksum file {name} is not a valid checksum record"
+    if algorithm != CHECKSUM:
+        return f"its checksum file {name} names the algorithm {algorithm!r}, not {CHECKSUM!r}"
+    if len(raw) != size:
+        return f"it holds {len(raw)} bytes, not the {size} recorded in {name}"
+    if checksum(raw) != want:
+        return f"its bytes fail the CRC-32 recorded in {name}"
+    return None
+
+
 def read_dassl_pickle(path: str | Path, dataset_dir: str | Path, images: str = "") -> dict[str, list[Datum]]:
     """Read an official cache pickle (``split_fewshot/*.pkl``, ``preprocessed.pkl``).
 
     Returns a dict of split name -> list of ``Datum``, with each image path moved under
     ``dataset_dir`` (see ``_Rebaser``). ``images`` is the image root relative to the
     dataset folder; it only helps where the folder name occurs twice in a stored path.
+    Where the pickle has a checksum file (``checksum_path``), its bytes are checked
+    before they are unpickled: ``DamagedCacheError`` when they fail it.
     Raises ``DatasetError`` (``UnsafePickleError`` for a disallowed class) on a bad file.
     """
     path = str(path)
     try:
         with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(f).load()
+            raw = f.read()  # one read: the bytes checked are the bytes unpickled
+    except OSError as e:
+        raise DatasetError(f"Cache file {path} could not be read ({type(e).__name__}: {e}).\n"
+                           "Delete it; it is rebuilt from the dataset on the next run.") from None
+    problem = _checksum_problem(path, raw)
+    if problem is not None:
+        raise DamagedCacheError(path, problem)
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(raw)).load()
     except DatasetError as e:
         raise type(e)(f"{path}: {e}") from None
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError,
@@ -408,15 +469,21 @@ def _from_dassl(items: Any, key: Any, path: str, rebase: _Rebaser) -> list[Datum
 
 
 def write_dassl_pickle(obj: dict[str, Sequence[Datum]], path: str | Path) -> None:
-    """Write a cache the official code can read: a dict of lists of its ``Datum`` objects.
+    """Write a cache the official code can read: a dict of lists of its ``Datum`` objects,
+    and its checksum file (``checksum_path``).
 
-    Paths are stored absolute, with ``pickle.HIGHEST_PROTOCOL``; the file is written to a
-    temporary name in the same folder and renamed, so readers never see half a file.
+    Paths are stored absolute, with ``pickle.HIGHEST_PROTOCOL``.  Each file is written to a
+    temporary name in the same folder and renamed, so readers never see half a file; the
+    checksum file goes first, so that a write killed between the two leaves a checksum
+    file without its pickle (drawn again) or a damaged pickle that fails the new checksum
+    (computed again), never a pickle the harness wrote without its checksum.
     """
     payload = {k: [_to_dassl(d) for d in v] for k, v in obj.items()}
     buf = io.BytesIO()
     _DasslPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
-    write_bytes_atomic(path, buf.getvalue())
+    raw = buf.getvalue()
+    write_json_atomic(checksum_path(path), {"algorithm": CHECKSUM, "checksum": checksum(raw), "size": len(raw)})
+    write_bytes_atomic(path, raw)
 
 
 def _to_dassl(d: Datum) -> _DasslDatum:

@@ -3,8 +3,10 @@ the few-shot draw (and its cache), then the base or new half of the classes.
 
 ``build_dataset("oxford_pets", root, num_shots=16, seed=1, subsample="base")`` returns the
 same train/val/test lists, in the same order, as the official code for that run, from
-the same folders, split files and few-shot caches.  This module sits above both
-``datasets.base`` (records, sampling, pickles) and ``datasets.catalog`` (the table).
+the same folders, split files and few-shot caches.  A cached draw that fails the
+checksum file the harness wrote beside it is drawn again, with a warning, and rewritten
+(see ``datasets.base``).  This module sits above both ``datasets.base`` (records,
+sampling, pickles) and ``datasets.catalog`` (the table).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from datasets.base import (
     SUBSAMPLE_CHOICES,
+    DamagedCacheError,
     DatasetError,
     DatasetSplits,
     Datum,
@@ -138,14 +141,22 @@ def build_dataset(
 
 def _fewshot(spec: Spec, dataset_dir: str, train: list[Datum], val: list[Datum],
              num_shots: int, seed: int, *, write_cache: bool = True) -> tuple[list[Datum], list[Datum], str | None]:
-    """Load or draw (and cache) the few-shot train/val lists, original labels kept."""
+    """Load or draw (and cache) the few-shot train/val lists, original labels kept.  A
+    cached draw that fails its checksum file (one the harness wrote) is drawn again, with
+    one warning naming the file, and rewritten; one without a checksum file (written by
+    the official code) is used as it is."""
     path = fewshot_cache_path(dataset_dir, num_shots, seed)
     if os.path.exists(path):
         log.info("Loading few-shot split from %s", path)
-        cached = read_dassl_pickle(path, dataset_dir, spec.images)
-        if "train" not in cached or (not spec.val_is_test and "val" not in cached):
-            raise DatasetError(f"Cache file {path} lacks the train/val lists; delete it to redraw.")
-        return cached["train"], cached.get("val", val), path
+        try:
+            cached = read_dassl_pickle(path, dataset_dir, spec.images)
+        except DamagedCacheError as damage:  # the draw is a function of the seed: drawn again
+            log.warning("The few-shot draw %s is damaged (%s); drawing it again from seed %d%s.", path,
+                        damage.problem, seed, " and rewriting it" if write_cache else "")
+        else:
+            if "train" not in cached or (not spec.val_is_test and "val" not in cached):
+                raise DatasetError(f"Cache file {path} lacks the train/val lists; delete it to redraw.")
+            return cached["train"], cached.get("val", val), path
     rng = random.Random(seed)  # = the official fresh `random.seed(seed)` stream
     train = generate_fewshot(train, num_shots, rng)
     payload = {"train": train}

@@ -5,6 +5,8 @@ code, so an existing data folder works unchanged), where its images are, which s
 it reads and its zero-shot prompt template. Eleven rows share one JSON reader; FGVC
 Aircraft, ImageNet and the four ImageNet variants name a small reader of their own that
 keeps the official quirks (text split files, folder scans, unsorted ``listdir``).
+ImageNet caches its folder scan in ``preprocessed.pkl`` with a checksum file beside it; a
+cache that fails it is scanned again and rewritten.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from datasets.base import (
+    DamagedCacheError,
     DatasetError,
     Datum,
     Splits,
@@ -144,14 +147,21 @@ def _read_imagenet(spec: Spec, dataset_dir: str, write_caches: bool = True) -> S
     """``preprocessed.pkl`` if present, else scan ``images/{train,val}`` and write it
     (``write_caches``), only when the scan is sound: the same class folders in both
     splits, none of them empty.  A cache written from a broken folder would outlive its
-    fix."""
+    fix.  A cache that fails the checksum file the harness wrote beside it is warned
+    about once and replaced by a new scan (the folders are the source of truth), written
+    over it; one without a checksum file (written by the official code) is read as it is."""
     cache = os.path.join(dataset_dir, "preprocessed.pkl")
     if os.path.exists(cache):
         log.info("Loading ImageNet file lists from %s", cache)
-        data = read_dassl_pickle(cache, dataset_dir, spec.images)
-        if "train" not in data or "test" not in data:
-            raise DatasetError(f"{cache} lacks the train/test lists; delete it so that it is rebuilt.")
-        return data["train"], [], data["test"]
+        try:
+            data = read_dassl_pickle(cache, dataset_dir, spec.images)
+        except DamagedCacheError as damage:
+            log.warning("The ImageNet file lists %s are damaged (%s); scanning the folders again%s.", cache,
+                        damage.problem, " and rewriting them" if write_caches else "")
+        else:
+            if "train" not in data or "test" not in data:
+                raise DatasetError(f"{cache} lacks the train/test lists; delete it so that it is rebuilt.")
+            return data["train"], [], data["test"]
     classnames = read_classnames(os.path.join(dataset_dir, "classnames.txt"))
     splits = []
     for split in ("train", "val"):  # the official val set is the test set

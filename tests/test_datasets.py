@@ -306,7 +306,9 @@ def test_build_base_and_new_share_one_draw(root, tmp_path):
     assert new.classnames == EXPECTED["oxford_pets"][4][4:]
     assert [d.impath for d in full.train] == [d.impath for d in base.train + new.train]
     assert len(new.test) == 3 * 4 and {d.label for d in new.test} == {0, 1, 2}
-    assert os.listdir(tmp_path / "oxford_pets" / "split_fewshot") == ["shot_2-seed_1.pkl"]
+    # one draw, and its checksum file
+    assert sorted(os.listdir(tmp_path / "oxford_pets" / "split_fewshot")) == ["shot_2-seed_1.pkl",
+                                                                              "shot_2-seed_1.pkl.crc32.json"]
 
 
 # --------------------------------------------------------------------------- caches
