@@ -6,8 +6,10 @@ Writes two test lists into ``WORKDIR`` (three toy-world slots at the toy CLIP's 
 size; a synthetic ImageNet test list of 256-pixel JPEGs cut to 224) and, for each, in one
 process with one thread and no loader workers: the decoded-image cache entry built (decode,
 write, checksums and the first check), the CRC-32 of the whole entry against decoding,
-and a second open of the entry (description and check, not remembered).  Then the
-checksum of 50,000 x 512 half-precision features, ImageNet's test set in the feature cache.
+and a second open of the entry (description and check, not remembered).  Then the check of
+the whole toy world's manifest (the world written into ``WORKDIR/worlds``, read from the
+page cache) and the checksum of 50,000 x 512 half-precision features, ImageNet's test set
+in the feature cache.
 One JSON line per measurement.
 """
 
@@ -84,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     big = list(build_dataset("imagenet", big_root).test)
     print(json.dumps(measure_list("synthetic imagenet test list, 256 px JPEGs cut to 224", big, 224,
                                   work / "cache-224")))
+    from datasets.worlds import damaged_files, prepare_world
+
+    world = prepare_world("toy", work, cache=work / "worlds")
+    files = sum(1 for p in world.rglob("*") if p.is_file())
+    damaged_files(world)  # once to fill the page cache: the check a sweep does on a world it reads
+    seconds = _seconds(lambda: damaged_files(world))
+    print(json.dumps({"world_manifest_check": "the whole toy world", "files": files, "seconds": round(seconds, 3)}))
     features = torch.randn(50000, 512).half()
     seconds = _seconds(lambda: tensor_checksum(features))
     print(json.dumps({"feature_checksum": "50000 x 512 fp16", "seconds": round(seconds, 4),
