@@ -85,7 +85,7 @@ def published_averages(paper: pd.DataFrame, protocol: str) -> dict[str, float]:
 def rank_agreement(table: pd.DataFrame, paper: pd.DataFrame, protocol: str) -> Agreement | None:
     """Spearman's rho between our and the published averages, or None where fewer than
     ``MIN_METHODS`` methods have both (or the protocol has no published average)."""
-    from benchmark.tables import method_names
+    from benchmark.record_settings import method_names
     from methods.registry import paper_name
 
     if protocol not in PROTOCOLS:

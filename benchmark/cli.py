@@ -222,27 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                        help="config overrides for every measurement, e.g. --opts DATALOADER.NUM_WORKERS 8")
 
-    verify = sub.add_parser(
-        "verify", help="run finished runs again from their records and say whether they come out the same",
-        description="Runs each finished run again from its record's resolved config, in a temporary folder "
-                    "(fresh caches, the results folder untouched), and compares it with the record: per-image test "
-                    "predictions, accuracies and the learned weights (against the run's checkpoint where the folder "
-                    "keeps one, else against the record's summaries), and names what differs between the machine "
-                    "that made the record and this one. Exit status 0 when every run is identical, 1 otherwise.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Examples:\n  python run.py verify results/runs/records/mma/base2novel/eurosat/shots16-seed1-<id>.json\n"
-               "  python run.py verify results/runs --methods mma --limit 3\n"
-               "  python run.py verify colleague/results --root /data/coop --clip ViT-B-16.pt --device cuda")
-    verify.add_argument("path", help="a record file, or a results folder (every finished record in it)")
-    verify.add_argument("--root", default=None,
-                        help="the folder holding the datasets (default: the record's own DATASET.ROOT; the toy and "
-                             "synthetic worlds are written where missing)")
-    verify.add_argument("--clip", default=None,
-                        help="the backbone weights, when the record's backbone is not found here (checked against "
-                             "the record's fingerprint)")
-    verify.add_argument("--methods", type=_csv, default=None, help="only the records of these methods")
-    verify.add_argument("--limit", type=int, default=None, help="at most this many records (in path order)")
-    verify.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    from benchmark.verify import add_verify_parser
+
+    add_verify_parser(sub)
 
     analyze = sub.add_parser(
         "analyze", help="analyses that are not sweeps: dataset-level, the MMA paper's layer-by-layer "
@@ -416,7 +398,7 @@ def show_agreement(agreed) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from benchmark import protocols, store, tables
+    from benchmark import protocols, record_settings, store, tables
 
     chosen = protocols.parse_protocols(args.protocol)
     built = tables.build_tables(args.output, chosen)
@@ -433,7 +415,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         elif args.format == "latex":
             frame = tables.display_frame(table) if protocol == "base2novel" else tables.accuracy_display(table)
             print(tables.latex_table(frame, caption=title))
-            for note in tables.settings_notes(table):  # rows split by setting (a comment in LaTeX)
+            for note in record_settings.settings_notes(table):  # rows split by setting (a comment in LaTeX)
                 print(f"% {note}")
         else:
             show_table(protocol, table, title)
@@ -509,25 +491,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from benchmark.verify import verify
+    from benchmark.verify import show_verdicts, verify
 
     _setup_logging(False, True)
     announce = lambda text: console.print(text, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
     verdicts = verify(args.path, root=args.root, clip=args.clip, device=args.device, limit=args.limit,
                       methods=args.methods, announce=announce)
-    table = Table(title="verify: each run again against its record", show_lines=False)
-    for column in ("run", "verdict", "environment that differs"):
-        table.add_column(column, overflow="fold")
-    for v in verdicts:
-        where = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in v.environment.items()) or "-"
-        table.add_row(escape_markup(v.label), escape_markup(v.summary()), escape_markup(where))
-    console.print(table)
-    for v in verdicts:
-        for note in v.notes:
-            console.print(f"{v.label}: {note}", soft_wrap=True, markup=False, highlight=False)
-    same = sum(v.identical for v in verdicts)
-    console.print(f"{same} of {len(verdicts)} run(s) identical.", soft_wrap=True, markup=False, highlight=False)
-    return 0 if same == len(verdicts) else 1
+    return show_verdicts(verdicts, console)
 
 
 def escape_markup(text: str) -> str:

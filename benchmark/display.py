@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmark.tables import NOTE, TRANSFER_NOTE, cell, settings_notes
+from benchmark.record_settings import settings_notes
+from benchmark.tables import NOTE, TRANSFER_NOTE, cell
 
 console = Console(stderr=False)
 

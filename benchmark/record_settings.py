@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import pandas as pd
+
 from benchmark import records as R
 
 class SettingsError(ValueError):
@@ -239,3 +241,57 @@ def split_settings(records: Iterable[dict], *, drop: Sequence[str] = (), point: 
                     "Move the one made by the older version out of the records folder (or delete it) and build "
                     "the tables again.")
     return result
+
+
+# -- the settings of a table's rows ----------------------------------------------------------------
+def named_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``method_name`` and ``setting`` (a frame made by hand may lack them)."""
+    if "method_name" not in frame:
+        frame = frame.assign(method_name=frame["method"])
+    if "setting" not in frame:
+        frame = frame.assign(setting="")
+    return frame
+
+
+def with_setting_columns(table: pd.DataFrame, frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``table[columns]``, with ``method_name`` and ``setting`` after ``method`` when some
+    method of the table is split into settings (a table without any keeps its columns)."""
+    if not (frame["setting"] != "").any():
+        return table[columns]
+    info = frame.drop_duplicates("method").set_index("method")
+    table = table.assign(method_name=table["method"].map(info["method_name"]),
+                         setting=table["method"].map(info["setting"]))
+    return table[columns[:1] + ["method_name", "setting"] + columns[1:]]
+
+
+def with_notes(table: pd.DataFrame, frame: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """``table`` with the notes of its split methods (``settings_notes``), taken from the
+    records frame it was made from."""
+    notes = frame.attrs.get("settings_notes") or {}
+    names = set(method_names(table).values())
+    worlds = set(frame["world"]) if "world" in frame else set()
+    table.attrs["settings_notes"] = [text for (world, p, method), text in notes.items()
+                                     if p == protocol and method in names and world in worlds]
+    return table
+
+
+def settings_notes(table: pd.DataFrame) -> list[str]:
+    """What splits the rows of a table into settings, one line per split method; [] when
+    no method is split."""
+    notes = table.attrs.get("settings_notes")
+    if notes is not None:
+        return list(notes)
+    if "setting" not in table:
+        return []
+    split = table[table["setting"].fillna("") != ""]
+    return [f"{name}: records of {rows['method'].nunique()} settings are shown as separate rows."
+            for name, rows in split.groupby("method_name", sort=False)]
+
+
+def method_names(table: pd.DataFrame) -> dict[str, str]:
+    """Row label -> registered method name of a table (the label itself where not split)."""
+    if table is None or "method" not in table:
+        return {}
+    if "method_name" not in table:
+        return {m: m for m in table["method"]}
+    return dict(zip(table["method"], table["method_name"]))

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from benchmark import records as R
-from benchmark.record_settings import Settings, split_settings
+from benchmark.record_settings import (Settings, method_names, named_frame, settings_notes, split_settings,
+                                       with_notes, with_setting_columns)
 from methods.registry import paper_name
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
@@ -52,59 +53,6 @@ def records_frame(records: Iterable[dict], settings: Settings | None = None) -> 
     return frame
 
 
-def _named(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with ``method_name`` and ``setting`` (a frame made by hand may lack them)."""
-    if "method_name" not in frame:
-        frame = frame.assign(method_name=frame["method"])
-    if "setting" not in frame:
-        frame = frame.assign(setting="")
-    return frame
-
-
-def _with_settings(table: pd.DataFrame, frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """``table[columns]``, with ``method_name`` and ``setting`` after ``method`` when some
-    method of the table is split into settings (a table without any keeps its columns)."""
-    if not (frame["setting"] != "").any():
-        return table[columns]
-    info = frame.drop_duplicates("method").set_index("method")
-    table = table.assign(method_name=table["method"].map(info["method_name"]),
-                         setting=table["method"].map(info["setting"]))
-    return table[columns[:1] + ["method_name", "setting"] + columns[1:]]
-
-
-def _noted(table: pd.DataFrame, frame: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """``table`` with the notes of its split methods (``settings_notes``), taken from the
-    records frame it was made from."""
-    notes = frame.attrs.get("settings_notes") or {}
-    names = set(method_names(table).values())
-    worlds = set(frame["world"]) if "world" in frame else set()
-    table.attrs["settings_notes"] = [text for (world, p, method), text in notes.items()
-                                     if p == protocol and method in names and world in worlds]
-    return table
-
-
-def settings_notes(table: pd.DataFrame) -> list[str]:
-    """What splits the rows of a table into settings, one line per split method; [] when
-    no method is split."""
-    notes = table.attrs.get("settings_notes")
-    if notes is not None:
-        return list(notes)
-    if "setting" not in table:
-        return []
-    split = table[table["setting"].fillna("") != ""]
-    return [f"{name}: records of {rows['method'].nunique()} settings are shown as separate rows."
-            for name, rows in split.groupby("method_name", sort=False)]
-
-
-def method_names(table: pd.DataFrame) -> dict[str, str]:
-    """Row label -> registered method name of a table (the label itself where not split)."""
-    if table is None or "method" not in table:
-        return {}
-    if "method_name" not in table:
-        return {m: m for m in table["method"]}
-    return dict(zip(table["method"], table["method_name"]))
-
-
 def _hm(base, novel):
     base, novel = np.asarray(base, dtype=float), np.asarray(novel, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -123,7 +71,7 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
     """Per method and dataset (+ average): base, novel, hm, stds, seeds, published numbers."""
     columns = ["method", "dataset", "base", "base_std", "novel", "novel_std", "hm", "seeds",
                "paper_base", "paper_novel", "paper_hm", "delta_hm"]
-    frame = _named(frame[frame["protocol"] == "base2novel"])
+    frame = named_frame(frame[frame["protocol"] == "base2novel"])
     if frame.empty:
         return pd.DataFrame(columns=columns)
     wide = frame.pivot_table(index=["method", "dataset", "seed"], columns="split",
@@ -174,7 +122,7 @@ def base2novel_table(frame: pd.DataFrame, dataset_order: list[str] | None = None
                 b, n = shown["paper_base"].mean(), shown["paper_novel"].mean()
                 table.loc[i, ["paper_base", "paper_novel", "paper_hm"]] = [b, n, float(_hm(b, n))]
     table["delta_hm"] = table["hm"] - table["paper_hm"]
-    return _noted(_with_settings(table, frame, columns), frame, "base2novel")
+    return with_notes(with_setting_columns(table, frame, columns), frame, "base2novel")
 
 
 def cell(mean, std=None) -> str:
@@ -264,7 +212,7 @@ def accuracy_table(frame: pd.DataFrame, protocol: str, paper: pd.DataFrame | Non
         part = part[part["target"].isin(extra + targets)]
     if part.empty:
         return pd.DataFrame(columns=columns)
-    part = _named(part)
+    part = named_frame(part)
     names = part.drop_duplicates("method").set_index("method")["method_name"]
     cells = _seed_cells(part, ["method", "shots", "target"]).rename(columns={"target": "dataset"})
     order = {name: i for i, name in enumerate(extra + targets)}
@@ -293,7 +241,7 @@ def accuracy_table(frame: pd.DataFrame, protocol: str, paper: pd.DataFrame | Non
             if (name, key) in pub.index:
                 table.loc[i, "paper"] = float(pub.loc[(name, key)])
     table["delta"] = table["accuracy"] - table["paper"]
-    return _noted(_with_settings(table, part, columns), part, "few_shot" if protocol == "few_shot" else "transfer")
+    return with_notes(with_setting_columns(table, part, columns), part, "few_shot" if protocol == "few_shot" else "transfer")
 
 
 def accuracy_display(table: pd.DataFrame) -> pd.DataFrame:

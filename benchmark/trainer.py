@@ -223,9 +223,9 @@ def train(model: Method, data: Sequence[Datum], cfg, device: torch.device, preci
           on_step: Callable[[int, int, float], None] | None = None, progress: Progress | None = None,
           timer: stages.StageTimer | None = None) -> TrainResult:
     """The training epochs; ``timer`` hears the time spent waiting for batches (``data_loading``)."""
+    start = time.perf_counter()
     params = model.trainable_parameters()
     lrs = epoch_learning_rates(cfg)
-    start = time.perf_counter()
     if not params or not lrs:
         return TrainResult([], [], 0, 0.0)
     timer = timer or stages.StageTimer()

@@ -351,3 +351,52 @@ def verify(path: str | Path, *, root: str | None = None, clip: str | None = None
     if limit is not None:
         found = found[:max(0, int(limit))]
     return [verify_record(p, r, root=root, clip=clip, device=device, announce=announce) for p, r in found]
+
+
+# -- the command line -------------------------------------------------------------------------------
+def add_verify_parser(sub) -> None:
+    """The ``verify`` sub-command's arguments (``benchmark.cli`` calls this)."""
+    import argparse
+
+    parser = sub.add_parser(
+        "verify", help="run finished runs again from their records and say whether they come out the same",
+        description="Runs each finished run again from its record's resolved config, in a temporary folder "
+                    "(fresh caches, the results folder untouched), and compares it with the record: per-image test "
+                    "predictions, accuracies and the learned weights (against the run's checkpoint where the folder "
+                    "keeps one, else against the record's summaries), and names what differs between the machine "
+                    "that made the record and this one. Exit status 0 when every run is identical, 1 otherwise.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  python run.py verify results/runs/records/mma/base2novel/eurosat/shots16-seed1-<id>.json\n"
+               "  python run.py verify results/runs --methods mma --limit 3\n"
+               "  python run.py verify colleague/results --root /data/coop --clip ViT-B-16.pt --device cuda")
+    parser.add_argument("path", help="a record file, or a results folder (every finished record in it)")
+    parser.add_argument("--root", default=None,
+                        help="the folder holding the datasets (default: the record's own DATASET.ROOT; the toy and "
+                             "synthetic worlds are this machine's copy, written where missing)")
+    parser.add_argument("--clip", default=None,
+                        help="the backbone weights, when the record's backbone is not found here (checked against "
+                             "the record's fingerprint)")
+    parser.add_argument("--methods", type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                        default=None, help="only the records of these methods, e.g. --methods mma,coop")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many records (in path order)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+
+def show_verdicts(verdicts: Sequence[Verdict], console) -> int:
+    """The verdicts as a table on ``console`` (rich), then the notes; the command's exit status."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="verify: each run again against its record", show_lines=False)
+    for column in ("run", "verdict", "environment that differs"):
+        table.add_column(column, overflow="fold")
+    for v in verdicts:
+        where = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in v.environment.items()) or "-"
+        table.add_row(escape(v.label), escape(v.summary()), escape(where))
+    console.print(table)
+    for v in verdicts:
+        for note in v.notes:
+            console.print(f"{v.label}: {note}", soft_wrap=True, markup=False, highlight=False)
+    same = sum(v.identical for v in verdicts)
+    console.print(f"{same} of {len(verdicts)} run(s) identical.", soft_wrap=True, markup=False, highlight=False)
+    return 0 if same == len(verdicts) else 1

@@ -181,7 +181,19 @@ def build_method(name: str, clip: nn.Module, classnames: Sequence[str], cfg: CN,
         raise MethodError(f"{info.cls.__name__}.__init__ must accept the dataset it classifies: "
                           "def __init__(self, clip, classnames, cfg, dataset=None), passing dataset on to "
                           "Method.__init__ (see methods/zsclip.py).")
-    model = info.cls(clip, list(classnames), cfg, dataset=dataset)
+    # CLIP is frozen before the method is built, so that whatever its constructor computes
+    # from CLIP (text features of hand-written prompts, class embeddings) runs as it runs
+    # later, when the class names change: a weight that requires gradients makes the
+    # batched products take another kernel path (even under no_grad), and the features
+    # differed in their last bits.  ``freeze`` then sets what the method trains.
+    flags = [(p, p.requires_grad) for p in clip.parameters()]
+    clip.requires_grad_(False)
+    try:
+        model = info.cls(clip, list(classnames), cfg, dataset=dataset)
+    except BaseException:
+        for param, flag in flags:  # a method that cannot be built leaves CLIP as it was
+            param.requires_grad_(flag)
+        raise
     model.freeze()
     return model
 

@@ -20,7 +20,8 @@ def _test_workers() -> int:
 
 def pytest_configure(config):
     """Parallel test processes share the CPU cores: each gets its share of the threads,
-    and so do the processes the tests start (``OMP_NUM_THREADS``)."""
+    and so do the processes the tests start (``OMP_NUM_THREADS``).  An ``OMP_NUM_THREADS``
+    set beforehand (one thread: ``.ci/kernels``) is kept where it asks for fewer."""
     workers = _test_workers()
     if workers > 1:
         import torch
@@ -28,6 +29,9 @@ def pytest_configure(config):
         from benchmark.executors.local import usable_cores
 
         threads = max(1, usable_cores() // workers)
+        asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if asked.isdigit() and int(asked) > 0:
+            threads = min(threads, int(asked))
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 

@@ -109,7 +109,7 @@ def test_tiny_is_deterministic_per_seed(tiny12):
     again = load_clip("tiny-clip-12", seed=3)
     other = load_clip("tiny-clip-12", seed=4)
     sd, sd_again, sd_other = tiny12.state_dict(), again.state_dict(), other.state_dict()
-    assert all(torch.equal(sd[k], sd_again[k]) for k in sd)
+    assert all(torch.equal(sd[k], sd_again[k]) for k in sd)  # the same draws from the same seed
     assert not torch.equal(sd["visual.conv1.weight"], sd_other["visual.conv1.weight"])
     assert not torch.equal(sd["token_embedding.weight"], sd_other["token_embedding.weight"])
 

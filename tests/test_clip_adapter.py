@@ -7,7 +7,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close, clip_ops
+from tolerance import assert_close, assert_restored, clip_ops, logit_scale
 
 import benchmark
 import methods.clip_adapter  # noqa: F401  (registers the method)
@@ -92,6 +92,5 @@ def test_official_checkpoint_round_trip(tiny_clip, tmp_path):
     assert not torch.equal(fresh.adapter.fc[0].weight, trained.adapter.fc[0].weight)
     assert benchmark.load_official_checkpoint(fresh, path)["epoch"] == 200
     fresh.set_classnames(NAMES)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(trained(images), fresh(images))
+    # the adapter bit for bit; the logits up to rounding (fresh encodes the class names again)
+    assert_restored(fresh, trained, torch.randn(2, 3, 32, 32), ops=clip_ops(tiny_clip), scale=logit_scale(tiny_clip))

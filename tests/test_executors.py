@@ -132,6 +132,8 @@ def _records(out: Path) -> dict:
 
 
 def _same(record: dict, reference: dict) -> None:
+    """Exact: the claim is that the executor changes no bit; both sides are the same run with the
+    same operations on this machine, one thread each (see the module's docstring)."""
     assert record["status"] == "ok"
     assert record["id"] == reference["id"]  # a hash of everything that can change a number
     def numbers(metrics):  # everything but the evaluation's wall time

@@ -73,6 +73,7 @@ def test_a_damaged_record_is_reported_set_aside_and_run_again(eurosat_root, tmp_
     code, text = _cli(capsys, *args)  # the sweep sets it aside and runs it again
     assert code == 0 and "1 done" in text and f"the record {path} is damaged" in text
     rerun = json.loads(path.read_text())
+    # exact: the run again in this process, the same operations on the same data (bit identity is the claim)
     assert rerun["status"] == "ok" and rerun["metrics"] == {k: dict(v, seconds=rerun["metrics"][k]["seconds"])
                                                             for k, v in good["metrics"].items()}
     (moved,) = [p for p in (out / "quarantine").rglob("*.json") if not p.name.endswith(".reason.json")]

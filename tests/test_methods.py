@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close, clip_ops
+from tolerance import assert_close, assert_restored, clip_ops, logit_scale
 
 import benchmark
 from benchmark.backbone import tokenize
@@ -84,9 +84,7 @@ def test_coop_official_checkpoint_round_trip(tiny_clip, tmp_path):
     fresh = benchmark.build("coop", ["x", "y"], clip=copy.deepcopy(tiny_clip), CTX_INIT="a photo of a")
     benchmark.load_official_checkpoint(fresh, path)
     fresh.set_classnames(NAMES)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(trained(images), fresh(images))
+    assert_restored(fresh, trained, torch.randn(2, 3, 32, 32), ops=clip_ops(tiny_clip), scale=logit_scale(tiny_clip))
 
 
 def _official_coop_file(path, ctx):
@@ -118,15 +116,24 @@ def test_official_checkpoint_with_scheduler_objects_loads_safely(tiny_clip, tmp_
         benchmark.load_official_checkpoint(model, tmp_path / "evil.pth.tar")
 
 
+def _official_meta_net(learner, feature):
+    """The official meta-net written out on the learner's weights (not its module): Linear(d, d // 16),
+    ReLU, Linear(d // 16, width) of one normalised image feature (d,) -> one bias (width,)."""
+    net = learner.meta_net
+    hidden = torch.clamp(net.linear1.weight @ feature + net.linear1.bias, min=0)
+    return net.linear2.weight @ hidden + net.linear2.bias
+
+
 def _official_cocoop_logits(model, clip, images):
-    """CoCoOp as the official trainer computes it: one text-encoder pass per image."""
+    """CoCoOp as the official trainer computes it: one text-encoder pass per image, whose context
+    is the learned one with the image's meta-net bias added to every vector."""
     learner = model.prompt_learner
     image = F.normalize(clip.encode_image(images), dim=-1)
     tokens = learner.tokenized_prompts
     n_ctx = learner.n_ctx
     rows = []
     for feature in image:
-        ctx = learner.ctx + learner.meta_net(feature.unsqueeze(0))  # (M, width)
+        ctx = learner.ctx + _official_meta_net(learner, feature).unsqueeze(0)  # (M, width)
         x = clip.token_embedding(tokens)
         x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), x[:, 1 + n_ctx:]], dim=1)
         x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
@@ -149,10 +156,15 @@ def test_cocoop_meta_net_and_per_image_prompts(tiny_clip):
         learner.meta_net.linear2.bias.zero_()
         expected = _clip_logits(tiny_clip, images, [f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
         assert_close(model(images), expected, ops=clip_ops(tiny_clip))
-        # a live meta-net: each image's own prompts, as the official per-image loop
+        # a live meta-net: each image's own prompts, as the official per-image loop (hidden units
+        # on both sides of the ReLU's kink, so that the nonlinearity matters)
+        learner.meta_net.linear1.weight.normal_(0, 1.0)
+        learner.meta_net.linear1.bias.zero_()
         learner.meta_net.linear2.weight.normal_(0, 0.5)
         learner.meta_net.linear2.bias.normal_(0, 0.5)
         batched = model(images)
+        hidden = F.normalize(tiny_clip.encode_image(images), dim=-1) @ learner.meta_net.linear1.weight.t()
+        assert (hidden > 0).any() and (hidden < 0).any()
         official = _official_cocoop_logits(model, tiny_clip, images)
     assert_close(batched, official, ops=clip_ops(tiny_clip))
     assert not torch.allclose(batched, expected, atol=1e-2)  # the shift changes the logits
@@ -177,6 +189,4 @@ def test_cocoop_official_checkpoint_round_trip(tiny_clip, tmp_path):
     fresh = benchmark.build("cocoop", ["x", "y"], clip=copy.deepcopy(tiny_clip), N_CTX=4, CTX_INIT="a photo of a")
     benchmark.load_official_checkpoint(fresh, path)
     fresh.set_classnames(NAMES)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(fresh(images), trained(images))
+    assert_restored(fresh, trained, torch.randn(2, 3, 32, 32), ops=clip_ops(tiny_clip), scale=logit_scale(tiny_clip))

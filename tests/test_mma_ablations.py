@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close, clip_ops
+from tolerance import assert_close, assert_restored, clip_ops, logit_scale
 
 import benchmark
 from benchmark import protocols
@@ -49,6 +49,7 @@ def test_defaults_are_bit_identical_with_and_without_the_new_keys(tiny_clip):
     assert list(plain.state_dict()) == list(explicit.state_dict())
     logits_a, grads_a = _step(plain, images, labels)
     logits_b, grads_b = _step(explicit, images, labels)
+    # exact: bit identity is the claim, and both models run the same operations on the same inputs
     assert torch.equal(logits_a, logits_b)
     assert list(grads_a) == list(grads_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
     # the initial weights too (the same random draws, in the official order)
@@ -179,8 +180,8 @@ def test_official_checkpoint_with_defaults_and_without_shared(tiny_clip, tmp_pat
     benchmark.load_official_checkpoint(fresh, path)
     images = torch.randn(2, 3, 32, 32)
     trained.eval(), fresh.eval()
-    with torch.no_grad():
-        assert torch.equal(trained(images), fresh(images))
+    restored = dict(ops=clip_ops(tiny_clip), scale=logit_scale(tiny_clip))
+    assert_restored(fresh, trained, images, **restored)
     # without the shared projection: its own checkpoints load, the default model's are refused
     lean = _mma(tiny_clip, SHARED=False)
     _perturb(lean, seed=8)
@@ -189,7 +190,6 @@ def test_official_checkpoint_with_defaults_and_without_shared(tiny_clip, tmp_pat
     again = _mma(tiny_clip, SHARED=False)
     benchmark.load_official_checkpoint(again, lean_path)
     lean.eval(), again.eval()
-    with torch.no_grad():
-        assert torch.equal(lean(images), again(images))
+    assert_restored(again, lean, images, **restored)
     with pytest.raises(ValueError, match="shared_adapter"):
         benchmark.load_official_checkpoint(_mma(tiny_clip), lean_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import approx, assert_close, clip_ops, ops
+from tolerance import approx, assert_close, assert_restored, clip_ops, logit_scale, ops
 
 import benchmark
 import methods.promptsrc  # noqa: F401  (registers the method)
@@ -257,7 +257,9 @@ def test_half_precision_layout(tiny_clip):
     assert fixed.dtype == torch.float32 and clip.text_projection.dtype == torch.float16  # CLIP itself untouched
     rounded = benchmark.build("promptsrc", NAMES[:2], clip=cast_clip(ref, "fp16").float(),
                               PROMPT_DEPTH_TEXT=2, PROMPT_DEPTH_VISION=2)  # fp16-rounded weights in fp32
-    assert torch.equal(fixed, rounded.frozen_text_features())
+    # features of the half-precision weights widened, not computed in half precision (that is off by
+    # fp16 roundings, far beyond this fp32 bound)
+    assert_close(fixed, rounded.frozen_text_features(), ops=clip_ops(ref))
     model.train()
     images = torch.randn(2, 3, 32, 32)
     logits = model(images.half())
@@ -405,9 +407,8 @@ def test_official_checkpoint_round_trip(tiny_clip, tmp_path):
     fresh = benchmark.build("promptsrc", ["x", "y"], clip=copy.deepcopy(tiny_clip))
     benchmark.load_official_checkpoint(fresh, path)
     fresh.set_classnames(NAMES)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(fresh.eval()(images), trained.eval()(images))
+    fresh.eval(), trained.eval()
+    assert_restored(fresh, trained, torch.randn(2, 3, 32, 32), ops=clip_ops(tiny_clip), scale=logit_scale(tiny_clip))
 
 
 def test_harness_checkpoint_repeats_the_frozen_aggregate(tiny_clip, tmp_path):
@@ -422,6 +423,8 @@ def test_harness_checkpoint_repeats_the_frozen_aggregate(tiny_clip, tmp_path):
     path = checkpoint.save(model, tmp_path / "run.pt")
     fresh = benchmark.build("promptsrc", NAMES, clip=copy.deepcopy(tiny_clip), GPA_MEAN=2, GPA_STD=1)
     checkpoint.load(fresh, path)
+    # exact: the prompts come from the file, and loading repeats the aggregate of the frozen weights
+    # with the same elementwise operations on the same values (bit identity is the claim)
     for (key, a), b in zip(model.official_tensors().items(), fresh.official_tensors().values()):
         assert torch.equal(a, b), key
 

@@ -120,6 +120,8 @@ def test_own_checkpoint_reproduces_the_evaluation_exactly(synthetic_root, tmp_pa
     partial = dict(first, metrics={"base": first["metrics"]["base"]})  # as if novel had not been evaluated
     again = execute(spec, "cpu", previous=partial, checkpoint=checkpoint)
     assert again["resumed_from_checkpoint"] and again["train"] == first["train"]
+    # exact, the claim of this test: the restored model evaluates with the same operations on the same
+    # shapes in this process as the trained one did, so not even a near tie can move
     assert again["metrics"]["novel"]["accuracy"] == first["metrics"]["novel"]["accuracy"]
     assert again["metrics"]["novel"]["n_correct"] == first["metrics"]["novel"]["n_correct"]
 

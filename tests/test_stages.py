@@ -87,11 +87,12 @@ def test_bench_prints_the_stage_breakdown_of_a_toy_run(tmp_path, monkeypatch, ca
     """The bench's toy-world section, on a small toy world placed where the machine's would be."""
     from benchmark.cli import main
     from datasets.toy import write_toy_root
-    from datasets.worlds import WORLDS_ENV, world_folder_name
+    from datasets.worlds import WORLDS_ENV, world_folder_name, write_manifest
 
     monkeypatch.setenv(WORLDS_ENV, str(tmp_path / "worlds"))
     world = write_toy_root(tmp_path / "worlds" / world_folder_name("toy"), ["eurosat"],
                            sizes={"train": 4, "val": 1, "test": 2})
+    write_manifest("toy", world)  # a world as the harness writes it: its manifest last
     written = sorted((p, p.stat().st_mtime_ns) for p in Path(world).rglob("*") if p.is_file())
     args = ["bench", "--methods", "coop", "--skip-run", "--repeats", "1", "--steps", "1", "--text-classes", "4",
             "--classes", "2", "--test-per-class", "1", "--epochs", "1", "--shots", "2", "--device", "cpu",

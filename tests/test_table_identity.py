@@ -145,7 +145,7 @@ def test_without_a_conflict_the_table_is_as_before_and_one_more_backbone_adds_a_
     euro = table[(table["method"] == "coop") & (table["dataset"] == "eurosat")].iloc[0]
     assert [euro.base, euro.novel, euro.seeds] == [pytest.approx(70.5), pytest.approx(50.5), 2]
     assert euro.base_std == pytest.approx(0.5)
-    assert built.settings == {} and tables.settings_notes(table) == []
+    assert built.settings == {} and record_settings.settings_notes(table) == []
     md = (out / "tables" / "base2novel-synthetic.md").read_text()
     assert "settings" not in md and "[" not in md.split("\n\n")[1]  # no labelled row
     csv = pd.read_csv(out / "tables" / "base2novel-synthetic.csv")

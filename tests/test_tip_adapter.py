@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tolerance import assert_close, clip_ops, ops
+from tolerance import assert_close, assert_restored, clip_ops, ops
 
 import benchmark
 import methods.tip_adapter  # noqa: F401  (registers tip_adapter and tip_adapter_f)
@@ -205,6 +205,8 @@ def test_search_equals_the_official_loop():
         scale, step = [7.0, 3.0], [40, 10]
         best = search_alpha_beta(feats, labels, text, keys, values, scale, step)
         beta, alpha, acc = _official_search(scale, step, keys.t(), values, feats, labels, text.t())
+        # exact: the batched grid and the loop compute every logit with the same operations on the
+        # same products, so no prediction can flip between them
         assert (best["beta"], best["alpha"]) == (beta, alpha) and best["accuracy"] == pytest.approx(acc)
 
 
@@ -219,16 +221,20 @@ def test_search_finds_a_designed_pair():
     scale, step = [7.0, 3.0], [200, 20]
     best = search_alpha_beta(feat, labels, text, keys, values, scale, step)
     margin = float(100 * feat @ (text[0] - text[1]))
-    expected = None
+    expected, closest = None, math.inf
     for beta in search_grid(*[scale[0], step[0]]):
         for alpha in search_grid(scale[1], step[1]):
             aff = (feat @ keys.t())[0]
             gain = alpha * (math.exp(-beta * (1 - float(aff[0]))) - math.exp(-beta * (1 - float(aff[1]))))
+            closest = min(closest, abs(gain - margin) / margin)
             if gain > margin:
                 expected = (beta, alpha)
                 break
         if expected:
             break
+    # no pair up to the chosen one is within float32 rounding of the margin: the search's float32
+    # decisions are the float64 ones here, and the pair can be compared exactly
+    assert closest > 1e3 * torch.finfo(torch.float32).eps
     assert expected is not None and (best["beta"], best["alpha"]) == expected and best["accuracy"] == 100.0
     # nothing right anywhere: the official code keeps (0, 0)
     worst = search_alpha_beta(feat, torch.tensor([1]), text, keys[1:], values[1:], scale, step)
@@ -241,7 +247,7 @@ def test_fit_searches_on_val_only(tiny_clip, data):
     torch.manual_seed(0)
     report = model.fit(_ctx(model, train, val))
     assert report["selected_on"] == "val" and report["n_val"] == len(val) and report["searched"]
-    # the pair chosen is the official search's on the val features
+    # it searched on the val features and the official classifier (up to rounding) ...
     loader = _ctx(model, train, val).test_loader(val)
     feats, labels = [], []
     with torch.no_grad():
@@ -250,9 +256,16 @@ def test_fit_searches_on_val_only(tiny_clip, data):
             feats.append(f / f.norm(dim=-1, keepdim=True))
             labels.append(target)
     feats, labels = torch.cat(feats), torch.cat(labels)
-    clip_weights = _official_classifier(tiny_clip, NAMES, TEMPLATES)
+    with torch.no_grad():
+        used = _ctx(model, train, val).frozen_features(model, val)
+        used = used / used.norm(dim=-1, keepdim=True)
+    assert_close(used, feats, ops=clip_ops(tiny_clip), what="val features")
+    assert_close(model.text_weights.t(), _official_classifier(tiny_clip, NAMES, TEMPLATES), ops=clip_ops(tiny_clip),
+                 what="classifier")
+    # ... and chose the pair of the official search on them (on the model's own features and
+    # classifier: the official ones differ by rounding, which may flip a near-tied prediction)
     beta, alpha, acc = _official_search([7.0, 3.0], [30, 10], model.cache_keys.t(), model.cache_values,
-                                        feats, labels, clip_weights)
+                                        used, labels, model.text_weights.t())
     assert (model.beta, model.alpha) == (beta, alpha) == (report["beta"], report["alpha"])
     assert report["val_accuracy_best"] == pytest.approx(acc)
     assert report["search"]["beta_grid"][2] == 30 and report["search"]["alpha_grid"][2] == 10
@@ -407,9 +420,7 @@ def test_harness_checkpoint_restores_the_fitted_cache(tiny_clip, data, tmp_path)
     fresh = _build("tip_adapter", copy.deepcopy(tiny_clip))
     checkpoint.load(fresh, path)
     assert (fresh.alpha, fresh.beta, fresh.cache_classnames) == (model.alpha, model.beta, NAMES)
-    images = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert_close(fresh(images), model(images), ops=clip_ops(tiny_clip))
+    assert_restored(fresh, model, torch.randn(3, 3, 32, 32), ops=clip_ops(tiny_clip))
 
 
 def test_half_precision_keeps_the_official_dtypes(tiny_clip, data):

@@ -153,6 +153,7 @@ def test_a_few_pretraining_steps_lower_the_loss_and_repeat_bit_for_bit():
     assert losses[-1] < losses[0]
     a, losses_a = pretrain(steps=2, seed=1, batch_size=8, warmup=1)
     b, losses_b = pretrain(steps=2, seed=1, batch_size=8, warmup=1)
+    # exact: a rerun is the same operations on the same batches in this process (bit identity is the claim)
     assert losses_a == losses_b
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
@@ -177,15 +178,27 @@ def test_zero_shot_report_covers_every_task_with_its_chance_level(tiny_clip):
     assert set(report["shape_by_style"]) == set(tw.STYLES)
 
 
-def test_a_time_budget_picks_a_step_count_that_a_rerun_with_that_count_repeats():
-    from benchmark.toy_pretrain import pretrain, render_pool
+def test_a_time_budget_picks_a_step_count_that_a_rerun_with_that_count_repeats(monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmark import toy_pretrain
+    from benchmark.toy_pretrain import _lr_at, pretrain, render_pool
 
     pool = render_pool(24, 48, seed=3, captions_per_image=2)
     assert pool.images.shape == (24, 48, 48, 3) and pool.tokens.shape[:2] == (24, 2)
-    # the budget is spent before the speed is known: the count is the calibration's minimum
-    a, losses_a = pretrain(steps=10_000, seed=3, batch_size=4, warmup=8, pool=pool, time_budget_s=1e-3)
-    assert len(losses_a) == 8
-    b, losses_b = pretrain(steps=len(losses_a), seed=3, batch_size=4, warmup=8, pool=pool)
+    # a clock that reads one second later at every look: the training start (0), the calibration's
+    # start after step 5 (1) and end after step 6, the end of the warm-up (2: one second a step), the
+    # time spent (3): a budget of 9 s leaves 6 steps after the 6 done, past the warm-up into the
+    # cosine, whose rates depend on the count chosen (not on the 10,000 asked for)
+    ticks = iter(range(1_000))
+    monkeypatch.setattr(toy_pretrain, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    a, losses_a = pretrain(steps=10_000, seed=3, batch_size=4, warmup=6, pool=pool, time_budget_s=9.0)
+    assert len(losses_a) == 12
+    assert _lr_at(10, 12, 6, 1e-3) < 0.5 * 1e-3 < _lr_at(10, 10_000, 6, 1e-3)  # the count moves the rates used
+    # a budget spent before the speed is known: the calibration's minimum, the warm-up
+    assert len(pretrain(steps=10_000, seed=3, batch_size=4, warmup=6, pool=pool, time_budget_s=1e-3)[1]) == 6
+    b, losses_b = pretrain(steps=len(losses_a), seed=3, batch_size=4, warmup=6, pool=pool)
+    # exact: the rerun is the same operations on the same batches in this process (bit identity is the claim)
     assert losses_a == losses_b
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name

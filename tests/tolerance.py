@@ -27,8 +27,18 @@ where
 The bound is relative to the data, so it tightens with float64 (where a test is about the
 exactness of an equation, running both sides in float64 makes a tight bound honest) and it
 still fails on a real bug: a wrong factor or a missing term moves the result by far more than
-``ops * eps`` of its scale.  Results that are bit-identical by design (a cache returning the
-stored tensor, a file loaded back) are compared exactly (``torch.equal``), not with this module.
+``ops * eps`` of its scale.
+
+What is compared exactly (``torch.equal``, ``==``), not with this module: integers (token ids,
+labels, counts), tensors loaded back from a file against what was saved, copies of one tensor,
+random-number states, and results whose bit identity is itself the claim, where both sides run
+the same operations on the same shapes in one process (a test says so in a comment).  Nothing
+computed twice by different code, or for inputs of another shape, is bit-identical on every
+machine: other kernels, vector widths and thread counts (``.ci/kernels`` runs the tests under a
+second set) and even whether a weight requires gradients choose other paths.  A checkpoint round
+trip compares the restored tensors exactly and the outputs with this rule (``assert_restored``).
+Predictions (an argmax) of two computations are compared only where no score is within rounding
+of the best one: otherwise they may flip.
 """
 
 from __future__ import annotations
@@ -90,3 +100,41 @@ def approx(expected, *, ops: float, dtype: torch.dtype = torch.float32, scale: f
     rtol = ops * torch.finfo(dtype).eps
     atol = rtol * (max((abs(v) for v in values), default=0.0) if scale is None else scale)
     return pytest.approx(expected, rel=rtol, abs=atol)
+
+
+def logit_scale(clip: torch.nn.Module) -> float:
+    """The ``scale`` of cosine logits ``s * <u, v>`` (unit ``u``, ``v``): their terms add up to at
+    most ``s`` in magnitude, so their roundings are relative to ``s``, not to a logit that the
+    terms cancel down to."""
+    return float(clip.logit_scale.detach().exp())
+
+
+def assert_restored(restored: torch.nn.Module, trained: torch.nn.Module, inputs: torch.Tensor, *, ops: float,
+                    scale: float | None = None, what: str = "restored model") -> None:
+    """A checkpoint round trip: every learned tensor of ``restored`` (its state outside the frozen
+    CLIP) is ``trained``'s bit for bit (a file loaded back), and its outputs on ``inputs`` are
+    ``trained``'s up to ``ops`` roundings (what it recomputes for its class names, such as
+    hand-written text features, may take another kernel path; a wrong restore moves them by far
+    more).  Both models in the mode the caller set."""
+    from benchmark.checkpoint import learned_state
+
+    mine, theirs = learned_state(restored), learned_state(trained)
+    assert mine.keys() == theirs.keys(), f"{what}: state keys differ: {sorted(set(mine) ^ set(theirs))[:6]}"
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), f"{what}: {key} is not restored"
+        else:
+            assert mine[key] == value, f"{what}: {key} is not restored"
+    with torch.no_grad():
+        assert_close(restored(inputs), trained(inputs), ops=ops, scale=scale, what=f"{what}: outputs")
+
+
+def decisive(scores: torch.Tensor, *, ops: float, scale: float | None = None) -> torch.Tensor:
+    """The rows of ``scores`` (samples x classes) whose best score leads the runner-up by more than
+    twice the rule's bound: there any other computation of the same scores, off by rounding only,
+    predicts the same class.  A prediction (argmax) of another computation is compared exactly on
+    these rows only; elsewhere rounding may flip it."""
+    scores = torch.as_tensor(scores).detach()
+    rtol, atol = tolerance(scores, ops=ops, scale=scale)
+    top = scores.double().topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]) > 2 * (atol + rtol * top[:, 0].abs())
